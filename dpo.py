@@ -1,0 +1,128 @@
+"""Direct Preference Optimization (Rafailov et al. 2023): response log-probs, the loss, and the DPO stage.
+
+MPO's stage 1 runs DPO on the "easy" pairs, policy and reference both starting from the SFT model.
+As in the reference implementation (Rafailov, Mitchell et al.): chosen and rejected rows go through one
+concatenated forward; a response's log-prob is the SUM of its token log-probs (prompt and pads masked,
+the appended EOS included); the reference is frozen. With h the difference of log-ratios,
+
+    h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
+    DPO:  -log sigmoid(beta h)      cDPO (label smoothing eps):  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    IPO:  (h - 1/(2 beta))^2
+
+    from dpo import DPOConfig, dpo
+    policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
+
+`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode.
+Tests: python -m pytest -q tests/test_dpo.py
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from data import collate_pairs
+from train import TrainConfig, autocast, pick_device, to_device, train
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    lr: float = 5e-6               # author's MPO script
+    batch_size: int = 8            # pairs per micro-batch: 16 rows in the concatenated forward
+    grad_accum: int = 16           # effective batch 128 pairs (author)
+    epochs: float = 1.0            # one pass over the easy pairs (author)
+    beta: float = 0.3              # author's MPO script (0.2 in an older one)
+    label_smoothing: float = 0.0   # cDPO: assumed fraction of flipped labels
+    loss_type: str = "sigmoid"     # "sigmoid" (DPO, cDPO) or "ipo"
+    precompute_ref: bool = True    # reference log-probs computed once up front: no reference in training
+
+
+def token_logps(logits, tokens):
+    """Log-prob (B, T) of each token under the logits (B, T, V) at its own position, in fp32 (bf16
+    log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs."""
+    logits = logits.float()
+    # log p = logit[target] - logsumexp(logits): unlike log_softmax this never materialises (and keeps
+    # for backward) a second (B, T, V) tensor, which at a 50k vocab is ~200 kB per token.
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits, tokens, mask):
+    """Summed log-probs (B,) of the tokens selected by mask. logits[:, t] predicts tokens[:, t + 1], so
+    logits[:, :-1] score tokens[:, 1:] and mask[:, 1:] selects the targets (response tokens + EOS).
+    Called with logits from GPT.forward(tokens, logits_from=s), pass tokens[:, s:] and mask[:, s:]."""
+    return (token_logps(logits[:, :-1], tokens[:, 1:]) * mask[:, 1:]).sum(-1)
+
+
+def response_logps(model, batch):
+    """Summed response log-probs of every row of a collated batch. The LM head runs only from the
+    position that predicts the first response token of the shortest prompt (min prompt_len - 1)."""
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    start = max(int(batch["prompt_lens"].min()) - 1, 0)
+    return sequence_logps(model(tokens, logits_from=start), tokens[:, start:], mask[:, start:])
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    """Per-pair losses and implicit rewards beta * (log pi - log ref), each (B,); rewards detached."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":  # Bradley-Terry on implicit rewards; eps > 0 is conservative DPO
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17, on summed log-probs (TRL averages over tokens)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def with_ref_logps(ref, pairs, batch_size, device):
+    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once, so
+    training needs no reference forward (TRL's precompute_ref_log_probs)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        with autocast(device):
+            logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
+        out += [(*pair, c, r) for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):])]
+    return out
+
+
+def collate_with_ref(rows):
+    """collate_pairs plus the precomputed reference log-probs in the same order: chosen rows, then rejected."""
+    batch = collate_pairs([row[:3] for row in rows])
+    batch["ref_logps"] = torch.tensor([row[3] for row in rows] + [row[4] for row in rows])
+    return batch
+
+
+def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None):
+    """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics)."""
+    if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
+        raise ValueError("dpo: ref is the policy itself; pass a frozen copy, e.g. copy.deepcopy(sft_model)")
+    device = pick_device(cfg.device)
+    ref.to(device).eval().requires_grad_(False)
+    collate = collate_pairs
+    if cfg.precompute_ref:
+        print(f"dpo: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
+        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device)
+        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device)
+        collate = collate_with_ref
+
+    def loss_fn(model, batch):
+        logps = response_logps(model, batch)
+        if "ref_logps" in batch:
+            ref_logps = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref_logps = response_logps(ref, batch)
+        n = logps.size(0) // 2  # collate_pairs stacks the chosen rows first, then the rejected ones
+        losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
+                                            cfg.label_smoothing, cfg.loss_type)
+        return losses.mean(), {
+            "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),  # strict: 0 at step 0, not 0.5
+            "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
+
+    metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, "dpo", collate, key_metric="rewards/accuracies")
+    return policy, metrics

@@ -1,0 +1,98 @@
+"""DPO: closed forms of the loss, response log-probs against a hand loop, the reference bookkeeping,
+and DPO learning on the demo task. python -m pytest -q tests/test_dpo.py"""
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import collate_pairs  # noqa: E402
+from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=257, block_size=128))
+
+
+def random_pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return torch.randint(0, 256, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+    return [(ids(3, 9), ids(1, 8) + [256], ids(1, 8) + [256]) for _ in range(n)]
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_loss_is_ln2_with_zero_rewards_when_policy_equals_reference():
+    logps = torch.randn(2, 5) * 10
+    losses, chosen, rejected = dpo_loss(logps[0], logps[1], logps[0].clone(), logps[1].clone(), beta=0.3)
+    torch.testing.assert_close(losses, torch.full((5,), math.log(2)))
+    assert chosen.abs().max() == 0 and rejected.abs().max() == 0
+    assert (chosen > rejected).float().mean() == 0  # accuracy is strict: ties count as wrong
+
+
+def test_gradient_raises_chosen_and_lowers_rejected_logps():
+    policy_chosen, policy_rejected = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, torch.randn(4), torch.randn(4), beta=0.1)
+    losses.sum().backward()
+    assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()  # descent: chosen up, rejected down
+    assert not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_conservative_dpo_and_ipo_match_hand_computation():
+    # h = (-3 - -4) - (-5 - -4) = 2; beta h = 1
+    args = torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0])
+    losses, chosen, rejected = dpo_loss(*args, beta=0.5, label_smoothing=0.1)
+    assert losses.item() == pytest.approx(-0.9 * log_sigmoid(1.0) - 0.1 * log_sigmoid(-1.0))
+    assert (chosen.item(), rejected.item()) == (0.5, -0.5)
+    assert dpo_loss(*args, beta=0.5)[0].item() == pytest.approx(-log_sigmoid(1.0))
+    assert dpo_loss(*args, beta=0.25, loss_type="ipo")[0].item() == pytest.approx((2 - 1 / (2 * 0.25)) ** 2)
+
+
+def test_sequence_logps_equals_a_hand_loop_and_ignores_right_padding():
+    model = tiny_gpt()
+    batch = collate_pairs(random_pairs(3))
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    with torch.no_grad():
+        logits = model(tokens)
+        fast = sequence_logps(logits, tokens, mask)
+        by_hand = torch.zeros(len(tokens))
+        for b in range(len(tokens)):
+            for t in range(1, tokens.size(1)):
+                if mask[b, t]:  # token t is predicted by the logits at t - 1
+                    by_hand[b] += torch.log_softmax(logits[b, t - 1], -1)[tokens[b, t]]
+        torch.testing.assert_close(fast, by_hand)
+        torch.testing.assert_close(response_logps(model, batch), by_hand)  # LM head from min prompt_len - 1
+        padded = torch.cat([tokens, torch.zeros(len(tokens), 7, dtype=torch.long)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(len(tokens), 7, dtype=torch.bool)], 1)
+        torch.testing.assert_close(sequence_logps(model(padded), padded, padded_mask), by_hand)
+
+
+def test_reference_must_be_a_separate_model(tmp_path):
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="ref is the policy"):
+        dpo(model, model, random_pairs(8), DPOConfig(device="cpu"), tmp_path)
+
+
+def test_precomputed_and_on_the_fly_reference_give_the_same_training(tmp_path):
+    pairs, sft = random_pairs(16), tiny_gpt()
+    runs = []
+    for precompute in (True, False):
+        cfg = DPOConfig(lr=1e-3, batch_size=4, grad_accum=2, max_steps=3, log_every=1, eval_every=0,
+                        precompute_ref=precompute, device="cpu")
+        policy, metrics = dpo(copy.deepcopy(sft), copy.deepcopy(sft), pairs, cfg, tmp_path / str(precompute), pairs[:8])
+        runs.append((policy, metrics))
+    (a, ma), (b, mb) = runs
+    assert ma.keys() == mb.keys() and ma["train/loss"] != pytest.approx(math.log(2))  # it trained
+    for key in ma:
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float noise: pads differ

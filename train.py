@@ -1,0 +1,249 @@
+"""The one training loop of mpo: the SFT, reward-model and DPO stages all run through `train()`.
+
+nanoGPT's train.py turned into a function. A stage hands it a model, a `loss_fn(model, batch) -> (loss,
+metrics)`, lists of encoded rows and a `collate(rows) -> batch dict`; `train` does the rest: AdamW with
+weight decay on matrices only, linear warm-up then cosine or linear decay, gradient accumulation,
+clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU), evaluation every `eval_every` steps, a progress
+line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe checkpoints. Calling
+`train` again with the same out_dir resumes from the last checkpoint (on CPU bit-identical to a run that
+never stopped); once a stage has finished, calling it again only loads the final weights.
+
+    from train import TrainConfig, train
+    metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/demo", "sft", collate)
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5          # peak learning rate
+    batch_size: int = 8       # rows per micro-batch (for DPO and the RM a row is a pair)
+    grad_accum: int = 4       # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    epochs: float = 1.0       # passes over the training rows, used when max_steps is 0
+    max_steps: int = 0        # optimizer steps; 0 = derive from epochs
+    warmup_steps: int = 0     # linear warm-up to lr over this many steps
+    decay: str = "cosine"     # "cosine" or "linear" decay to 0 after the warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, on >= 2-D parameters only
+    grad_clip: float = 1.0    # clip the global gradient norm to this
+    eval_every: int = 100     # steps between evaluations (also at step 0 and at the end); 0 = end only
+    log_every: int = 10       # steps between train log lines
+    ckpt_every: int = 500     # steps between checkpoints (there is always one at the end)
+    seed: int = 0
+    device: str = "auto"      # "auto" = cuda when available, else cpu
+    compile: bool = False     # torch.compile the model for the forward passes
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (same exponent range as fp32: no loss scaling needed); plain fp32 elsewhere."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def atomic_save(obj, path):
+    """Write to a temporary name, fsync, then rename: a crash mid-write never leaves a torn file behind.
+    `obj` is saved with torch.save, or written as is when it is bytes."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine or linear decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.decay == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.decay == "linear":
+        return cfg.lr * (1.0 - progress)
+    raise ValueError(f"decay must be 'cosine' or 'linear', got {cfg.decay!r}")
+
+
+def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95); weight decay only on >= 2-D tensors (matmuls, embeddings), never on
+    biases, LayerNorm gains or the reward offset (nanoGPT's configure_optimizers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
+
+
+class Batches:
+    """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch, so
+    the position (epoch, index into that epoch's order) is all a checkpoint needs to resume mid-epoch.
+    The ragged tail of an epoch is dropped: every micro-batch has batch_size rows."""
+
+    def __init__(self, rows, batch_size: int, seed: int):
+        if len(rows) < batch_size:
+            raise ValueError(f"{len(rows)} training rows are fewer than batch_size={batch_size}")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.per_epoch = len(rows) // batch_size
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def __next__(self):
+        if self.index + self.batch_size > len(self.rows):
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self.rows), generator=g).tolist())
+        picked = self._order[1][self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        return [self.rows[i] for i in picked]
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move the tensors of a collated batch to `device`."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, rows, collate, batch_size: int, device) -> dict:
+    """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch."""
+    model.eval()
+    sums = {}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        with autocast(device):
+            loss, metrics = loss_fn(model, to_device(collate(chunk), device))
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    model.train()
+    return {k: v / len(rows) for k, v in sums.items()}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _drop_log_lines_after(log_path: Path, stage: str, step: int):
+    """Forget this stage's metrics lines logged after `step`: the resumed run logs those steps again."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line can be torn by the crash that we resume from
+            continue
+        if record.get("stage") != stage or record["step"] <= step:
+            keep.append(line + "\n")
+    atomic_save("".join(keep).encode(), log_path)
+
+
+def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stage: str, collate,
+          key_metric: str = "loss") -> dict:
+    """Train `model` in place; return the last logged metrics as {"train/<name>": x, "eval/<name>": y}.
+    `key_metric` is the metric the progress line shows beside the loss."""
+    device = pick_device(cfg.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / f"{stage}_ckpt.pt", out_dir / "metrics.jsonl"
+    model.to(device)
+    optimizer = adamw(model, cfg, device)
+    batches = Batches(train_data, cfg.batch_size, cfg.seed)
+    total = cfg.max_steps or max(1, int(cfg.epochs * batches.per_epoch) // cfg.grad_accum)
+    step, result = 0, {}
+    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+        seed_fn(cfg.seed)
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, holds RNG states
+        model.load_state_dict(ckpt["model"])
+        step, result = ckpt["step"], ckpt["metrics"]
+        if ckpt["done"]:
+            print(f"{stage}: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
+            return result
+        optimizer.load_state_dict(ckpt["optimizer"])
+        batches.epoch, batches.index = ckpt["data"]
+        _set_rng_state(ckpt["rng"])
+        print(f"{stage}: resuming from {ckpt_path} at step {step}/{total}")
+    _drop_log_lines_after(log_path, stage, step if ckpt_path.exists() else -1)
+
+    def save(done: bool):
+        state = {"model": model.state_dict(), "step": step, "metrics": result, "done": done}
+        if not done:  # a finished stage needs only its weights; the optimizer would triple the file
+            state.update(optimizer=optimizer.state_dict(), data=(batches.epoch, batches.index), rng=_rng_state())
+        atomic_save(state, ckpt_path)
+
+    tty = sys.stdout.isatty()
+
+    def log(split: str, metrics: dict, line: str):
+        result.update({f"{split}/{k}": v for k, v in metrics.items()})
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"stage": stage, "step": step, "split": split, **metrics}) + "\n")
+        # On a terminal one line is rewritten in place (\r, then clear to the end of the line).
+        print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
+
+    def run_eval():
+        metrics = evaluate(fwd, loss_fn, eval_data, collate, cfg.batch_size, device)
+        log("eval", metrics, f"{stage} eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    fwd = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    if step == 0 and eval_data and cfg.eval_every:
+        run_eval()
+    start_time, start_step = time.time(), step
+    while step < total:
+        lr = lr_at(step, cfg, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        metrics = {}
+        for _ in range(cfg.grad_accum):
+            batch = to_device(collate(next(batches)), device)
+            with autocast(device):
+                loss, extra = loss_fn(fwd, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step + 1}; stopped, last good "
+                                         f"checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
+            (loss / cfg.grad_accum).backward()  # mean over the effective batch
+            for k, v in {"loss": loss.detach(), **extra}.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"{stage}: gradient norm is {grad_norm.item()} at step {step + 1}; stopped, "
+                                     f"last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            rate = (step - start_step) / (time.time() - start_time)
+            eta = datetime.timedelta(seconds=round((total - step) / rate))
+            shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
+            log("train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)},
+                f"{stage} {step}/{total} | {rate:.2f} it/s | ETA {eta} | loss {metrics['loss']:.4f}{shown}")
+        if eval_data and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+            run_eval()
+        if step % cfg.ckpt_every == 0 and step < total:
+            save(done=False)
+    if tty:
+        print()
+    save(done=True)
+    return result
