@@ -95,6 +95,25 @@ def collate_with_ref(rows):
     return batch
 
 
+def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
+    """The DPO stage's loss_fn: mean loss over the pairs of a collate_pairs batch, and its metrics. The
+    reference log-probs come from the batch when precomputed, else from a forward of `ref`."""
+    logps = response_logps(model, batch)
+    if "ref_logps" in batch:
+        ref_logps = batch["ref_logps"]
+    else:
+        with torch.no_grad():
+            ref_logps = response_logps(ref, batch)
+    n = logps.size(0) // 2  # collate_pairs stacks the chosen rows first, then the rejected ones
+    losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
+                                        cfg.label_smoothing, cfg.loss_type)
+    return losses.mean(), {
+        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),  # strict: 0 at step 0, not 0.5
+        "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
+
+
 def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None):
     """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics)."""
     if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
@@ -109,20 +128,7 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None):
         collate = collate_with_ref
 
     def loss_fn(model, batch):
-        logps = response_logps(model, batch)
-        if "ref_logps" in batch:
-            ref_logps = batch["ref_logps"]
-        else:
-            with torch.no_grad():
-                ref_logps = response_logps(ref, batch)
-        n = logps.size(0) // 2  # collate_pairs stacks the chosen rows first, then the rejected ones
-        losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
-                                            cfg.label_smoothing, cfg.loss_type)
-        return losses.mean(), {
-            "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-            "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(),  # strict: 0 at step 0, not 0.5
-            "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
+        return dpo_step_loss(model, ref, batch, cfg)
 
     metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, "dpo", collate, key_metric="rewards/accuracies")
     return policy, metrics

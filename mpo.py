@@ -11,14 +11,29 @@ Every stage takes encoded rows from data.encode_dataset and runs through train.t
 
 Tests: python -m pytest -q tests/test_stages.py
 """
+import argparse
+import copy
+import inspect
+import json
 import math
-from dataclasses import dataclass
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
 
+import matplotlib
 import torch
 import torch.nn.functional as F
 
-from data import collate_pairs, collate_sft
-from train import TrainConfig, autocast, pick_device, to_device, train
+from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer, load_task
+from dpo import DPOConfig, dpo, response_logps
+from model import GPT, GPTConfig, ScalarModel, response_mask
+from ppo import PPOConfig, ppo
+from train import TrainConfig, atomic_save, autocast, pick_device, to_device, train
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 @dataclass
@@ -75,6 +90,15 @@ def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
     return -F.logsigmoid(chosen - rejected - margin) + center_coef * (chosen + rejected) ** 2
 
 
+def reward_model_loss(model, batch, cfg: RMConfig):
+    """The reward-model stage's loss_fn: mean Bradley-Terry loss over the pairs of a collate_pairs batch."""
+    scores = last_token_scores(model, batch)
+    chosen, rejected = scores.chunk(2)  # collate_pairs: chosen rows first, then rejected
+    loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).mean()
+    return loss, {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).detach().mean(),
+                  "chosen": chosen.detach().mean(), "rejected": rejected.detach().mean()}
+
+
 GAP_BUCKETS = ((0, 1, "[0,1)"), (1, 2, "[1,2)"), (2, 3, "[2,3)"), (3, math.inf, ">=3"))
 
 
@@ -88,19 +112,24 @@ def accuracy_by_gap(gaps, by=None) -> dict:
     for low, high, name in GAP_BUCKETS:
         inside = (size >= low) & (size < high)
         n = int(inside.sum())
-        out[name] = {"accuracy": float((gaps[inside] > 0).float().mean()) if n else None, "pairs": n}
+        out[name] = {"accuracy": int((gaps[inside] > 0).sum()) / n if n else None, "pairs": n}
     return out
 
 
 @torch.no_grad()
-def batch_scores(rm, rows, collate, batch_size, device) -> list:
-    """RM scores of encoded rows, one tensor per batch (for pairs: the chosen rows, then the rejected)."""
-    rm.eval()
-    scores = []
+def batch_outputs(fn, model, rows, collate, batch_size, device) -> list:
+    """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch."""
+    model.to(device).eval()
+    outputs = []
     for i in range(0, len(rows), batch_size):
         with autocast(device):
-            scores.append(last_token_scores(rm, to_device(collate(rows[i:i + batch_size]), device)).cpu())
-    return scores
+            outputs.append(fn(model, to_device(collate(rows[i:i + batch_size]), device)).float().cpu())
+    return outputs
+
+
+def batch_scores(rm, rows, collate, batch_size, device) -> list:
+    """RM scores of encoded rows, one tensor per batch (for pairs: the chosen rows, then the rejected)."""
+    return batch_outputs(last_token_scores, rm, rows, collate, batch_size, device)
 
 
 def score_pairs(rm, pairs, batch_size, device):
@@ -114,11 +143,7 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     `reference_examples` (encoded SFT (prompt, response) rows), the head's offset is then set so they
     score 0 on average (N+ reward normalisation)."""
     def loss_fn(model, batch):
-        scores = last_token_scores(model, batch)
-        chosen, rejected = scores.chunk(2)  # collate_pairs: chosen rows first, then rejected
-        loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).mean()
-        return loss, {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).detach().mean(),
-                      "chosen": chosen.detach().mean(), "rejected": rejected.detach().mean()}
+        return reward_model_loss(model, batch, cfg)
 
     metrics = train(rm, loss_fn, pairs, eval_pairs, cfg, out_dir, "rm", collate_pairs, key_metric="accuracy")
     device = pick_device(cfg.device)
@@ -130,3 +155,435 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
         rm.offset.fill_(torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device)).mean())
         metrics["offset"] = float(rm.offset)
     return rm, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling, scoring and the reward-gap split
+
+@torch.no_grad()
+def sample_responses(model, prompts, eos_id, max_new_tokens, batch_size, device, seed=0, temperature=1.0,
+                     top_k=None, top_p=None) -> list:
+    """One sampled response (token ids, EOS included when reached) per encoded prompt."""
+    model.to(device).eval()
+    g = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = to_device(collate_prompts(prompts[i:i + batch_size]), device)
+        T = batch["tokens"].size(1)
+        with autocast(device):
+            new = model.generate(batch["tokens"], max_new_tokens, temperature, top_k, top_p, eos_id,
+                                 batch["attention_mask"], generator=g)[:, T:]
+        keep = response_mask(new, eos_id)
+        out += [row[m].tolist() for row, m in zip(new.cpu(), keep.cpu())]
+    return out
+
+
+def split_by_reward_gap(gaps, delta):
+    """MPO's data selection: pairs with |gap| >= delta are easy (reliable labels: DPO), the rest are hard
+    (PPO, which needs only their prompts). Returns (easy_index, hard_index) as LongTensors."""
+    size = torch.as_tensor(gaps, dtype=torch.float).abs()
+    return (size >= delta).nonzero().flatten(), (size < delta).nonzero().flatten()
+
+
+def distinct_prompts(rows) -> list:
+    """The prompts of encoded rows, each once, in order of first appearance."""
+    return [list(p) for p in dict.fromkeys(tuple(row[0]) for row in rows)]
+
+
+def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size, device, seed):
+    """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) - r(rejected).
+    "resample" (author's code): two SFT samples per training prompt at temperature 1, top-k 50, top-p
+    0.9, the higher-scored one chosen, so every gap is >= 0. "human": the dataset's own pairs; a
+    negative gap means the RM disagrees with the label, and |gap| decides the side all the same."""
+    if source == "human":
+        chosen, rejected = score_pairs(rm, pairs, batch_size, device)
+        return pairs, chosen - rejected
+    if source != "resample":
+        raise ValueError(f"--split.source must be 'resample' or 'human', got {source!r}")
+    twice = [p for p in distinct_prompts(pairs) for _ in range(2)]
+    responses = sample_responses(sft_model, twice, eos_id, max_new_tokens, batch_size, device, seed, 1.0, 50, 0.9)
+    scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size, device))
+    rows, gaps = [], []
+    for i in range(0, len(twice), 2):
+        first = bool(scores[i] >= scores[i + 1])
+        rows.append((twice[i], responses[i if first else i + 1], responses[i + 1 if first else i]))
+        gaps.append(float((scores[i] - scores[i + 1]).abs()))
+    return rows, torch.tensor(gaps)
+
+
+def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device):
+    """make_pairs once per run and source: out/pairs_<source>.pt (resampling is the costly part)."""
+    cache = out / f"pairs_{source}.pt"
+    if not cache.exists():
+        atomic_save(make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size,
+                               device, run.seed), cache)
+    return torch.load(cache, weights_only=True)
+
+
+def split_pairs(rows, gaps, split, folder: Path, tok):
+    """Split at delta (or at a quantile of |gap|), write split.jsonl (one line per pair: side, gap and the
+    texts) for inspection, and return (easy pairs, hard prompts, statistics)."""
+    delta = float(torch.quantile(gaps.abs(), split.quantile)) if split.quantile > 0 else split.delta
+    easy, hard = split_by_reward_gap(gaps, delta)
+    side = dict.fromkeys(easy.tolist(), "easy") | dict.fromkeys(hard.tolist(), "hard")
+    lines = [json.dumps({"index": i, "side": side[i], "gap": g, "prompt": tok.decode(p), "chosen": tok.decode(c),
+                         "rejected": tok.decode(r)}) for i, (g, (p, c, r)) in enumerate(zip(gaps.tolist(), rows))]
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(("\n".join(lines) + "\n").encode(), folder / "split.jsonl")
+    if split.order == "hard_first":  # ablation: DPO on the hard pairs, PPO on the easy prompts
+        easy, hard = hard, easy
+    easy_pairs, hard_prompts = [rows[i] for i in easy], distinct_prompts([rows[i] for i in hard])
+    for what, part in (("DPO (easy pairs)", easy_pairs), ("PPO (hard prompts)", hard_prompts)):
+        if not part:
+            print(f"warning: delta {delta:.3g} leaves nothing for {what}; that stage is skipped")
+    return easy_pairs, hard_prompts, {"source": split.source, "delta": delta, "pairs": len(rows),
+                                      "easy_pairs": len(easy_pairs), "hard_prompts": len(hard_prompts)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: every model against the SFT model on held-out prompts
+
+@dataclass
+class EvalConfig:
+    prompts: int = 500        # held-out prompts (paper: RM score of one sampled response per test prompt)
+    temperature: float = 1.0  # 1.0 makes the KL estimate below unbiased
+    batch_size: int = 32
+    tie: float = 0.0          # |RM score difference| <= tie counts as a tie
+    show: int = 3             # sample responses per model in the report
+
+
+def logps_of(model, rows, batch_size, device):
+    """Summed response log-probs (N,) of encoded (prompt, response) rows under `model`."""
+    return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device))
+
+
+def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalConfig, device) -> tuple:
+    """One response per held-out prompt from every model (same seed). Per model: mean RM score; win /
+    tie / lose against the SFT model's response to the same prompt, by RM score; KL to the SFT model
+    (mean of log pi(y) - log pi_sft(y) over the model's own samples: the k1 estimator); mean length in
+    tokens; the gold reward when the task has one. Returns (results, samples) keyed by model name."""
+    prompts = encode_dataset(tok, prompt_texts[:cfg.prompts], run.max_prompt_len, run.max_response_len, "eval")
+    prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
+    results, samples, scores = {}, {}, {}
+    for name, model in models.items():
+        responses = sample_responses(model, prompts, tok.eot_token, run.max_response_len, cfg.batch_size, device,
+                                     run.seed, cfg.temperature)
+        rows = list(zip(prompts, responses))
+        scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device))
+        kl = logps_of(model, rows, cfg.batch_size, device) - logps_of(models["sft"], rows, cfg.batch_size, device)
+        texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
+        results[name] = {"gold": sum(map(gold_reward, prompt_texts, texts)) / len(texts)} if gold_reward else {}
+        results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
+                          "length": sum(map(len, responses)) / len(responses)}
+        samples[name] = list(zip(prompt_texts, texts))[:cfg.show]
+    for name, r in results.items():
+        diff = scores[name] - scores["sft"]
+        r["win"], r["lose"] = float((diff > cfg.tie).float().mean()), float((diff < -cfg.tie).float().mean())
+        r["tie"] = 1 - r["win"] - r["lose"]
+        r["win_rate"] = r["win"] + r["tie"] / 2
+    return results, samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline: SFT -> RM -> pairs -> split -> DPO on easy pairs -> PPO on hard prompts, with baselines
+
+@dataclass
+class RunConfig:
+    dataset: str = "demo"          # demo | hh-rlhf | tldr
+    init: str = ""                 # Hugging Face GPT-2 folder or hub name (gpt2, gpt2-medium, ...); "" = fresh GPT
+    n_layer: int = 2               # shape of a fresh GPT (init "")
+    n_head: int = 4
+    n_embd: int = 128
+    data_dir: str = ""             # local data files laid out like the download cache
+    template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
+    max_prompt_len: int = 256      # tokens; prompts are cut from the left (DeepSpeed-Chat: 256)
+    max_response_len: int = 256    # tokens, EOS included; also the sampling budget
+    methods: str = "dpo_all,ppo_all,mpo"  # what to train beside SFT: baselines dpo_all, ppo_all and mpo
+    max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
+    variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
+    out: str = ""                  # run folder; default out/<dataset>
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class SplitConfig:
+    source: str = "resample"   # "resample": two SFT samples per prompt ranked by the RM (author); "human": dataset pairs
+    delta: float = 1.0         # |gap| >= delta is easy (author: 1 on HH-RLHF, 2 on TL;DR)
+    quantile: float = 0.0      # > 0: delta = this quantile of |gap| instead (an RM of unknown scale)
+    stage2_ref: str = "dpo"    # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
+    order: str = "easy_first"  # "easy_first": DPO on easy, PPO on hard (MPO); "hard_first": the reverse (ablation)
+    batch_size: int = 32       # sampling and scoring batch
+
+
+def trainable_copy(model):
+    """A copy to train: a model that served as a frozen reference (dpo / ppo) has requires_grad off."""
+    return copy.deepcopy(model).requires_grad_(True)
+
+
+def stage(out: Path, name: str, make, fn):
+    """Run a stage once: its final weights go to out/name/final.pt and its metrics (wall time included)
+    to out/name/result.json; a rerun with the same out loads them and skips the stage.
+    fn(folder) -> (model, metrics); make() -> an empty model to load the weights into."""
+    folder = out / name
+    final, result = folder / "final.pt", folder / "result.json"
+    if final.exists():
+        model = make()
+        model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+        print(f"{name}: done in an earlier run, loaded {final}")
+        return model, json.loads(result.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, metrics = fn(folder)
+    metrics = {**metrics, "wall_s": time.time() - start}
+    atomic_save(json.dumps(metrics, indent=1).encode(), result)
+    atomic_save(model.state_dict(), final)  # written last: its presence marks the stage done
+    for ckpt in folder.glob("*_ckpt.pt"):  # the mid-stage resume point, superseded by final.pt
+        ckpt.unlink()
+    print(f"{name}: finished in {metrics['wall_s']:.0f}s, saved {final}")
+    return model.cpu(), metrics
+
+
+def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, gold):
+    """MPO proper: DPO on the easy pairs (init = ref = SFT), then PPO on the hard prompts with the DPO
+    model as the starting policy and (unless ablated) the KL reference; the critic starts from the RM."""
+    new = lambda: GPT(sft_model.config)  # noqa: E731
+    policy = sft_model
+    if easy:
+        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d))
+    if not hard:
+        return policy
+    ref = policy if split.stage2_ref == "dpo" else sft_model
+    return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
+                                                cfgs["ppo"], d, prompts_eval, gold))[0]
+
+
+def run_pipeline(cfgs: dict) -> Path:
+    """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
+    run, split = cfgs["run"], cfgs["split"]
+    out = Path(run.out or f"out/{run.dataset}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
+    device = pick_device(run.device)
+    torch.manual_seed(run.seed)
+    task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
+    tok = get_tokenizer(task.tokenizer)
+    enc = lambda items, name: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name)  # noqa: E731
+    limit = run.max_train or None
+    sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval, "sft_eval")
+    pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval, "pairs_eval")
+    prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval")  # PPO's held-out curve
+    base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
+        block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
+        n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
+    new = lambda: GPT(base.config)  # noqa: E731
+
+    sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval))
+    rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
+    rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
+        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval))
+    pairs_of = lambda source: cached_pairs(out, source, sft_model, rm, pairs, tok, run, split.batch_size, device)  # noqa: E731
+    rows, gaps = pairs_of(split.source)
+    easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
+
+    # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample.
+    models, methods = {"sft": sft_model}, run.methods.split(",")
+    if "dpo_all" in methods:
+        models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
+            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d))[0]
+    if "ppo_all" in methods:
+        all_prompts = distinct_prompts(rows)
+        models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
+            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
+            prompts_eval, task.gold_reward))[0]
+    if "mpo" in methods:
+        models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
+    variants = {}
+    for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
+        v = replace(split, **parse_fields(SplitConfig, text))
+        folder = out / "variants" / text.replace("=", "-").replace(",", "_")
+        v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v.source), v, folder, tok)
+        models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
+                                            task.gold_reward)
+
+    results, samples = evaluate(models, rm, task.prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
+    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report: report.md beside its plots
+
+def plot_gaps(path, gaps, delta, rm_by_gap):
+    """Left: |gap| histogram with the threshold. Right: the RM's held-out accuracy per |gap| bucket."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.hist(gaps.abs().numpy(), bins=40, color="tab:blue")
+    a.axvline(delta, color="tab:red", ls="--", label=f"delta = {delta:.3g}")
+    a.set(xlabel="|reward-model gap|", ylabel="pairs", title="Pairs to split")
+    a.legend()
+    names = list(rm_by_gap)
+    b.bar(names, [rm_by_gap[n]["accuracy"] or 0 for n in names], color="tab:green")
+    for i, n in enumerate(names):
+        b.text(i, 0.03, f"n={rm_by_gap[n]['pairs']}", ha="center")
+    b.set(xlabel="|RM gap| of held-out human pairs", ylabel="RM accuracy", ylim=(0, 1), title="Reliability by gap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(path, out: Path):
+    """One panel per stage folder: its key metric (train and held-out) against the step."""
+    key = {"sft": "loss", "rm": "accuracy", "dpo": "rewards/margins", "ppo": "gold"}
+    logs = sorted(out.rglob("metrics.jsonl"))
+    fig, axes = plt.subplots(1, len(logs), figsize=(3.3 * len(logs), 3), squeeze=False)
+    for ax, log in zip(axes[0], logs):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        k = key[records[0]["stage"]] if records else ""
+        k = k if any(k in r for r in records) else "score"  # PPO without a gold reward: the RM score
+        for split in ("train", "eval"):
+            points = [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
+            if points:
+                ax.plot(*zip(*points), label=split, marker="o" if split == "eval" else None, ms=3)
+        ax.set(title=str(log.parent.relative_to(out)), xlabel="step", ylabel=k)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(path, results, key):
+    """Reward against KL to the SFT model, one point per model (the DPO paper's frontier plot)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, r in results.items():
+        ax.scatter(r["kl_to_sft"], r[key])
+        ax.annotate(name, (r["kl_to_sft"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} vs KL to SFT")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows: dict, cols) -> list:
+    """Markdown table lines, one row per key of `rows`."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+            *[f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]]
+
+
+def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics) -> Path:
+    key = "gold" if "gold" in results["sft"] else "rm_score"
+    by_gap = rm_metrics.get("eval/accuracy_by_gap", {})
+    plot_gaps(out / "gaps.png", gaps, split_stats["delta"], by_gap)
+    plot_curves(out / "curves.png", out)
+    plot_frontier(out / "frontier.png", results, key)
+    times = {str(p.parent.relative_to(out)): json.loads(p.read_text())["wall_s"] for p in sorted(out.rglob("result.json"))}
+    cols = [c for c in ("gold", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
+    best = max((n for n in results if n != "sft"), key=lambda n: results[n][key], default="sft")
+    lines = [f"# MPO run: {cfgs['run'].dataset}", "",
+             f"Held-out prompts, one sampled response each (temperature {cfgs['eval'].temperature}); win / tie / lose "
+             "against the SFT model's response to the same prompt, by reward-model score"
+             + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
+             *table(results, cols), "",
+             f"Highest {key}: **{best}** ({results[best][key]:.3f}; SFT {results['sft'][key]:.3f}). "
+             + ", ".join(f"{n} {r[key] - results['sft'][key]:+.3f}" for n, r in results.items() if n != "sft")
+             + f" against SFT.", "", "![reward vs KL](frontier.png)", "",
+             "## The split", "",
+             f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
+             f"{split_stats['easy_pairs']} easy pairs for DPO, {split_stats['hard_prompts']} hard prompts for PPO "
+             "(every pair with its gap and side: `split.jsonl`). The reward model's accuracy on held-out pairs "
+             "by |gap|, the table the threshold rests on:", "",
+             *table({b: v for b, v in by_gap.items()}, ["accuracy", "pairs"]), "", "![gaps](gaps.png)", ""]
+    if variants:
+        lines += ["## Ablations", "", *table({n: {**variants[n], **results[n]} for n in variants},
+                                              ["delta", "easy_pairs", "hard_prompts", *cols]), ""]
+    lines += ["## Training", "", "Wall time per stage (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()), "",
+              "![learning curves](curves.png)", "", "## Samples", ""]
+    for name, pairs in samples.items():
+        lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
+    lines += ["## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
+    atomic_save("\n".join(lines).encode(), out / "report.md")
+    return out / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: one flag per dataclass field, --<group>.<field>; the run's own fields have no prefix
+
+CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig,
+           "ppo": PPOConfig, "eval": EvalConfig}
+# The demo: a tiny byte-level GPT trained from scratch on 2 CPU cores, so larger learning rates, shorter
+# budgets and the RM started from the SFT model (a random "base" knows nothing); the real datasets
+# keep the author's values above.
+DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
+        "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=10, eval_every=50, log_every=10),
+        "rm": dict(lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, init="sft", eval_every=50, log_every=10),
+        "dpo": dict(lr=5e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=1.0, eval_every=0, log_every=10),
+        "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
+                    critic_lr=3e-4, kl_coef=0.05, eval_every=5),
+        "eval": dict(prompts=150)}
+
+
+def parse_value(kind, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return kind(text)
+
+
+def parse_fields(cls, text: str) -> dict:
+    """"delta=2,order=hard_first" -> {"delta": 2.0, "order": "hard_first"}, typed by cls's fields."""
+    kinds = {f.name: type(f.default) for f in fields(cls)}
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in kinds:
+            raise ValueError(f"unknown {cls.__name__} field {name.strip()!r} in {text!r} (fields: {', '.join(kinds)})")
+        out[name.strip()] = parse_value(kinds[name.strip()], value.strip())
+    return out
+
+
+def field_help(cls) -> dict:
+    """{field: its trailing comment in the class source}: the comments next to the defaults are the --help."""
+    lines = [line for c in reversed(cls.__mro__) if is_dataclass(c) for line in inspect.getsource(c).splitlines()]
+    return {m[1]: m[2] for m in map(re.compile(r"\s+(\w+): .*?#\s*(.*)").match, lines) if m}
+
+
+def parse_args(argv=None) -> dict:
+    """{group: config}: dataclass defaults, then the demo's values (--dataset demo), then the flags given.
+    The run's device, seed and response length are every stage's unless a stage's own flag says otherwise."""
+    parser = argparse.ArgumentParser(
+        usage="python mpo.py [--dataset demo|hh-rlhf|tldr] [--init gpt2] [--out DIR] [--GROUP.FIELD VALUE ...]",
+        description=__doc__.split("\n\n")[0], epilog="demo values, where they differ: " + "; ".join(
+            f"{g}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for g, d in DEMO.items()))
+    for group, cls in CONFIGS.items():
+        section, helps = parser.add_argument_group(f"{group} ({cls.__name__})"), field_help(cls)
+        for f in fields(cls):
+            kind = type(f.default)
+            section.add_argument(f"--{f.name}" if group == "run" else f"--{group}.{f.name}", dest=f"{group}.{f.name}",
+                                 metavar=kind.__name__.upper(), type=lambda s, kind=kind: parse_value(kind, s),
+                                 help=f"{helps.get(f.name, '')} (default {f.default!r})")
+    given = {}
+    for key, value in vars(parser.parse_args(argv)).items():
+        if value is not None:
+            group, name = key.split(".", 1)
+            given.setdefault(group, {})[name] = value
+    demo = given.get("run", {}).get("dataset", RunConfig.dataset) == "demo"
+    run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
+    shared = {"device": run.device, "seed": run.seed, "max_new_tokens": run.max_response_len}
+    cfgs = {"run": run}
+    for group, cls in list(CONFIGS.items())[1:]:
+        inherited = {k: v for k, v in shared.items() if k in {f.name for f in fields(cls)}}
+        cfgs[group] = cls(**{**inherited, **(DEMO.get(group, {}) if demo else {}), **given.get(group, {})})
+    return cfgs
+
+
+def main(argv=None):
+    cfgs = parse_args(argv)
+    try:
+        report = run_pipeline(cfgs)
+    except (ValueError, RuntimeError, OSError) as e:  # bad data, a missing download, a bad flag value
+        sys.exit(f"mpo: error: {e}")
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

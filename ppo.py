@@ -9,27 +9,27 @@ which is also the reference; the critic starts from the RM.
 
 One iteration: rollout -> log-probs and values -> KL-shaped rewards -> GAE -> PPO epochs -> log.
 
-Implementation details ("The N+ Implementation Details of RLHF with PPO", Huang et al. 2024, and the
-author's DeepSpeed-Chat code; the number in brackets is the line in ../shared/RLHF-NOTES.md section 1):
- 1. Dropout off in policy, reference, RM and critic (eval mode) so the ratio starts at exactly 1 [6].
- 2. Left-padded prompts, positions from the attention mask: a padded row scores like an unpadded one [4].
+Implementation details, from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)
+and the author's DeepSpeed-Chat based code; the code cites them as "detail N":
+ 1. Dropout off in policy, reference, RM and critic (eval mode) so the ratio starts at exactly 1.
+ 2. Left-padded prompts, positions from the attention mask: a padded row scores like an unpadded one.
  3. Rollouts sample with the KV cache; pure sampling (no top-k / top-p) by default, so the samples come
-    from the distribution PPO assumes [14].
- 4. Log-probs (policy and reference) use logits / temperature: the distribution actually sampled [15].
- 5. Truncate after the first EOS; masks keep pads out of the KL, the advantages and every loss [16, 20].
- 6. The RM scores the truncated text at its last real token, the EOS [8, 16].
- 7. EOS trick: a response that never ends has `missing_eos_penalty` subtracted from its score [17].
- 8. RM scores clipped to [-5, 5] (DeepSpeed-Chat, the author's code) [28].
+    from the distribution PPO assumes.
+ 4. Log-probs (policy and reference) use logits / temperature: the distribution actually sampled.
+ 5. Truncate after the first EOS; masks keep pads out of the KL, the advantages and every loss.
+ 6. The RM scores the truncated text at its last real token, the EOS.
+ 7. EOS trick: a response that never ends has `missing_eos_penalty` subtracted from its score.
+ 8. RM scores clipped to [-5, 5] (DeepSpeed-Chat, the author's code).
  9. Per-token KL penalty -kl_coef * (log pi - log ref) on every response token; the score is added on
-    the last real token (the EOS), not on the pad after it [18, 19]. The author's variant (default):
+    the last real token (the EOS) itself, not on the slot after it as in N+ and TRL. Author (default):
     the per-token log-ratio is clamped at 0 from below, so the KL term only ever penalises and a token
     the policy finds less likely than the reference earns no bonus. Optional adaptive coefficient.
-10. The critic is a separate network initialised from the RM; values after the last token are 0 [13, 20].
-11. GAE with gamma 1, lambda 0.95 over the response tokens; returns = advantages + values [21].
-12. Advantages whitened with masked batch statistics; reward whitening optional (off) [22].
-13. Clipped surrogate (0.2) and clipped value loss (0.2, x 0.5 x vf_coef); masked token means [23].
-14. Epochs over minibatches reshuffled each epoch, micro-batches with gradient accumulation [24].
-15. AdamW eps 1e-5, separate actor and critic learning rates, optional linear decay, grad clipping [25].
+10. The critic is a separate network initialised from the RM; values after the last token are 0.
+11. GAE with gamma 1, lambda 0.95 over the response tokens; returns = advantages + values.
+12. Advantages whitened with masked batch statistics; reward whitening optional (off).
+13. Clipped surrogate (0.2) and clipped value loss (0.2, x 0.5 x vf_coef); masked token means.
+14. Epochs over minibatches reshuffled each epoch, micro-batches with gradient accumulation.
+15. AdamW eps 1e-5, separate actor and critic learning rates, optional linear decay, grad clipping.
 16. Reference log-probs, old log-probs and old values computed once per rollout, under no_grad.
 
 Run it through the pipeline (`python mpo.py`, see train.sh); as a function:
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from data import collate_prompts, encode_dataset
+from data import collate_prompts
 from dpo import token_logps
 from model import response_mask
 from train import _drop_log_lines_after, atomic_save, autocast, pick_device
@@ -60,7 +60,6 @@ class PPOConfig:
     prompts_per_step: int = 16        # prompts per iteration
     samples_per_prompt: int = 2       # responses sampled per prompt
     passes: int = 1                   # passes over the prompts (one over the hard prompts)
-    max_prompt_len: int = 256         # prompt tokens kept (cut from the left)
     max_new_tokens: int = 256         # response budget
     temperature: float = 1.0          # sampling temperature (N+: 0.7); log-probs use the same one (detail 4)
     top_k: int = 0                    # 0 = off: pure sampling (detail 3)
@@ -149,9 +148,9 @@ def sample(policy, prompt_ids, eos_id, cfg, generator):
 
 
 @torch.no_grad()
-def rollout(policy, ref, reward_model, critic, prompt_ids, eos_id, cfg, generator):
-    """Samples plus everything the update needs from them, computed once (detail 16)."""
-    seq, attn, P, mask = sample(policy, prompt_ids, eos_id, cfg, generator)
+def score_samples(policy, ref, reward_model, critic, seq, attn, P, mask, eos_id, cfg):
+    """Everything the update needs from sample's outputs, computed once (detail 16): policy and
+    reference log-probs, values and RM scores. Returns (rollout dict, P)."""
     out = defaultdict(list)
     for i in range(0, len(seq), cfg.micro_batch_size):
         s, a = seq[i:i + cfg.micro_batch_size], attn[i:i + cfg.micro_batch_size]
@@ -244,6 +243,30 @@ def ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, generator):
     return {k: v / n_all for k, v in sums.items()}
 
 
+def iteration(policy, ref, reward_model, critic, opt_pi, opt_v, prompt_ids, eos_id, kl_coef, cfg, it):
+    """One PPO iteration on prompt_ids: rollout -> KL-shaped rewards -> GAE -> PPO epochs. Returns
+    (rollout dict, P, rewards, stats): the update statistics plus the seconds spent sampling
+    (generate_s), in the whole rollout with its scoring forwards (rollout_s) and in the update (update_s)."""
+    device = next(policy.parameters()).device
+    t0 = time.time()
+    # 1. Rollout; every random draw comes from generators seeded by (seed, iteration).
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+    samples = sample(policy, prompt_ids, eos_id, cfg, generator)
+    t1 = time.time()
+    ro, P = score_samples(policy, ref, reward_model, critic, *samples, eos_id, cfg)
+    # 2. KL-shaped per-token rewards, then advantages and returns.
+    mask = ro["mask"].float()
+    rewards, _ = shape_rewards(ro["raw_scores"], ro["has_eos"], ro["logp"], ro["ref_logp"], mask, kl_coef, cfg)
+    shaped = masked_whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards
+    advantages, ro["returns"] = gae(shaped, ro["values"], mask, cfg.gamma, cfg.lam)
+    ro["advantages"] = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
+    t2 = time.time()
+    # 3. PPO epochs on this batch.
+    stats = ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, torch.Generator().manual_seed(cfg.seed + it))
+    t3 = time.time()
+    return ro, P, rewards, stats | {"generate_s": t1 - t0, "rollout_s": t2 - t0, "update_s": t3 - t2}
+
+
 def adaptive_kl_coef(kl_coef, kl, n, cfg):
     """Ziegler et al. 2019, eq. 2: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
     return kl_coef * (1 + min(max(kl / cfg.kl_target - 1, -0.2), 0.2) * n / cfg.kl_horizon)
@@ -257,7 +280,8 @@ def evaluate(policy, ref, reward_model, critic, prompt_ids, tok, cfg, gold_rewar
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1)
     sums, step = defaultdict(float), cfg.prompts_per_step * cfg.samples_per_prompt
     for i in range(0, len(prompt_ids), step):
-        ro, P = rollout(policy, ref, reward_model, critic, prompt_ids[i:i + step], tok.eot_token, cfg, generator)
+        samples = sample(policy, prompt_ids[i:i + step], tok.eot_token, cfg, generator)
+        ro, P = score_samples(policy, ref, reward_model, critic, *samples, tok.eot_token, cfg)
         sums["score"] += float(ro["raw_scores"].sum())
         sums["kl"] += float(((ro["logp"] - ro["ref_logp"]) * ro["mask"]).sum())
         sums["response_len"] += float(ro["mask"].sum())
@@ -276,12 +300,13 @@ def decode(tok, prompt_ids, responses, mask):
 
 
 def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None,
-        gold_reward=None):
-    """Train `policy` with PPO on `prompts` (strings) against the frozen `ref` and `reward_model`;
-    `critic` (a ScalarModel, usually a copy of the RM) is trained alongside. `gold_reward(prompt,
+        gold_reward=None, stage="ppo"):
+    """Train `policy` with PPO on `prompts` (token-id lists from data.encode_dataset) against the frozen
+    `ref` and `reward_model`; `critic` (a ScalarModel, usually a copy of the RM) is trained alongside. `gold_reward(prompt,
     response)`, when the task has one, is logged beside the RM score. Returns (policy, metrics).
     Calling it again with the same out_dir resumes from the last checkpoint, or only loads the final
-    weights when the stage had finished."""
+    weights when the stage had finished. `stage` names the checkpoint and the log lines (the PPO
+    baseline and MPO's PPO stage can share an out_dir)."""
     if ref is policy or critic is reward_model:  # the copy would be trained, or the original frozen
         raise ValueError("ppo: pass copies: ref = copy.deepcopy(policy), critic = copy.deepcopy(reward_model)")
     if cfg.temperature <= 0:
@@ -289,15 +314,18 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     device = pick_device(cfg.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path, samples_path = (out_dir / name for name in ("ppo_ckpt.pt", "metrics.jsonl", "samples.jsonl"))
+    ckpt_path, log_path, samples_path = (out_dir / f"{stage}_ckpt.pt", out_dir / "metrics.jsonl",
+                                         out_dir / "samples.jsonl")
     for model in (policy, ref, reward_model, critic):
         model.to(device).eval()  # detail 1: eval mode (no dropout) for good, training included
     ref.requires_grad_(False)
     reward_model.requires_grad_(False)
-    train_ids = encode_dataset(tok, prompts, cfg.max_prompt_len, cfg.max_new_tokens, "ppo prompts")
-    eval_ids = eval_prompts and encode_dataset(tok, eval_prompts, cfg.max_prompt_len, cfg.max_new_tokens, "ppo eval")
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    train_ids, eval_ids = prompts, eval_prompts
+    fused = device.type in ("cuda", "cpu")  # one pass per parameter: 5x faster steps on CPU (train.adamw)
+    opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                               fused=fused)
+    opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                              fused=fused)
     per_pass = math.ceil(len(train_ids) / cfg.prompts_per_step)
     total = cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}
@@ -306,15 +334,15 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         policy.load_state_dict(ckpt["policy"])
         it, result = ckpt["iteration"], ckpt["metrics"]
         if ckpt["done"]:
-            print(f"ppo: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
+            print(f"{stage}: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
             return policy, result
         critic.load_state_dict(ckpt["critic"])
         opt_pi.load_state_dict(ckpt["opt_pi"])
         opt_v.load_state_dict(ckpt["opt_v"])
         kl_coef = ckpt["kl_coef"]
-        print(f"ppo: resuming from {ckpt_path} at iteration {it}/{total}")
+        print(f"{stage}: resuming from {ckpt_path} at iteration {it}/{total}")
     for path in (log_path, samples_path):
-        _drop_log_lines_after(path, "ppo", it if ckpt_path.exists() else -1)
+        _drop_log_lines_after(path, stage, it if ckpt_path.exists() else -1)
 
     def save(done):
         # Every random draw comes from generators seeded by (seed, iteration): no RNG state to save.
@@ -327,50 +355,39 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     def log(split, metrics, line, samples=()):
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
         with open(log_path, "a") as f:
-            f.write(json.dumps({"stage": "ppo", "step": it, "split": split, **metrics}) + "\n")
+            f.write(json.dumps({"stage": stage, "step": it, "split": split, **metrics}) + "\n")
         with open(samples_path, "a") as f:
-            f.writelines(json.dumps({"stage": "ppo", "step": it, **s}) + "\n" for s in samples)
+            f.writelines(json.dumps({"stage": stage, "step": it, **s}) + "\n" for s in samples)
         print(line, flush=True)
 
     def run_eval():
         m = evaluate(policy, ref, reward_model, critic, eval_ids, tok, cfg, gold_reward)
-        log("eval", m, f"ppo eval iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        log("eval", m, f"{stage} eval iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
     if it == 0 and eval_ids:
         run_eval()
     start_time, start_it = time.time(), it
     while it < total:
-        t0 = time.time()
-        # 1. Rollout: this iteration's prompts (each pass in a new order), samples_per_prompt responses each.
+        # This iteration's prompts (each pass in a new order), samples_per_prompt responses each.
         epoch, k = divmod(it, per_pass)
         order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         prompt_ids = [train_ids[i] for i in order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
                       for _ in range(cfg.samples_per_prompt)]
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
-        ro, P = rollout(policy, ref, reward_model, critic, prompt_ids, tok.eot_token, cfg, generator)
-        # 2. KL-shaped per-token rewards, then advantages and returns.
-        mask = ro["mask"].float()
-        rewards, _ = shape_rewards(ro["raw_scores"], ro["has_eos"], ro["logp"], ro["ref_logp"], mask, kl_coef, cfg)
-        shaped = masked_whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards
-        advantages, ro["returns"] = gae(shaped, ro["values"], mask, cfg.gamma, cfg.lam)
-        ro["advantages"] = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
-        t1 = time.time()
-        # 3. PPO epochs on this batch.
         if cfg.lr_decay:
             for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):
                 for group in opt.param_groups:
                     group["lr"] = lr * (1 - it / total)
-        stats = ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, torch.Generator().manual_seed(cfg.seed + it))
-        t2 = time.time()
-        # 4. Log; adapt the KL coefficient; checkpoint.
+        ro, P, rewards, stats = iteration(policy, ref, reward_model, critic, opt_pi, opt_v, prompt_ids,
+                                          tok.eot_token, kl_coef, cfg, it)
+        mask = ro["mask"].float()
+        # Log; adapt the KL coefficient; checkpoint.
         kl = float(((ro["logp"] - ro["ref_logp"]) * mask).sum(1).mean())  # k1 estimate, nats per response
         pairs = decode(tok, prompt_ids, ro["seq"][:, P:], ro["mask"])
         stats |= {"score": float(ro["raw_scores"].mean()), "rlhf_reward": float(rewards.sum(1).mean()),
                   "kl": kl, "kl_coef": kl_coef, "response_len": float(mask.sum(1).mean()),
                   "eos_frac": float(ro["has_eos"].float().mean()),
                   "explained_variance": 1 - float(masked_var(ro["returns"] - ro["values"], mask)
-                                                  / masked_var(ro["returns"], mask).clamp(min=1e-8)),
-                  "rollout_s": t1 - t0, "update_s": t2 - t1}
+                                                  / masked_var(ro["returns"], mask).clamp(min=1e-8))}
         if gold_reward:
             stats["gold"] = sum(gold_reward(p, r) for p, r in pairs) / len(pairs)
         if cfg.kl_target > 0:
@@ -382,9 +399,9 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
             rate = (it - start_it) / (time.time() - start_time)
             eta = datetime.timedelta(seconds=round((total - it) / rate))
             gold = f" | gold {stats['gold']:.3f}" if gold_reward else ""
-            log("train", stats, f"ppo {it}/{total} | {rate:.2f} it/s | ETA {eta} | score {stats['score']:.3f}{gold}"
+            log("train", stats, f"{stage} {it}/{total} | {rate:.2f} it/s | ETA {eta} | score {stats['score']:.3f}{gold}"
                 f" | kl {kl:.3f} | len {stats['response_len']:.1f} | eos {stats['eos_frac']:.2f} | clipfrac "
-                f"{stats['clipfrac']:.3f} | rollout {t1 - t0:.2f}s update {t2 - t1:.2f}s", samples)
+                f"{stats['clipfrac']:.3f} | rollout {stats['rollout_s']:.2f}s update {stats['update_s']:.2f}s", samples)
         if eval_ids and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
             run_eval()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < total:

@@ -84,7 +84,10 @@ def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
+    # fused: one pass over each parameter instead of a dozen elementwise ones; on CPU (torch >= 2.4) it
+    # made the step 5x faster for bench.py's default model, whose 50k-row embedding dominates
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 class Batches:

@@ -1,17 +1,16 @@
 """DPO: closed forms of the loss, response log-probs against a hand loop, the reference bookkeeping,
 and DPO learning on the demo task. python -m pytest -q tests/test_dpo.py"""
 import copy
+import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import collate_pairs  # noqa: E402
-from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from data import collate_pairs, collate_prompts
+from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps
+from model import GPT, GPTConfig, response_mask
+from test_stages import demo, demo_sft  # the demo task and its SFT model, trained once per session
 
 
 def tiny_gpt(seed=0):
@@ -96,3 +95,30 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_training(tmp_path):
         assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float noise: pads differ
+
+
+def mean_gold_of_samples(model, task, tok, prompts, seed=0):
+    """Mean gold reward of one sampled response (temperature 1) per prompt."""
+    batch = collate_prompts([tok.encode_ordinary(p) for p in prompts])
+    out = model.generate(batch["tokens"], 40, temperature=1.0, eos_id=tok.eot_token,
+                         attention_mask=batch["attention_mask"], generator=torch.Generator().manual_seed(seed))
+    new = out[:, batch["tokens"].size(1):]
+    keep = response_mask(new, tok.eot_token) & (new != tok.eot_token)
+    texts = [tok.decode(row[m].tolist()) for row, m in zip(new, keep)]
+    return sum(task.gold_reward(p, t) for p, t in zip(prompts, texts)) / len(prompts)
+
+
+def test_dpo_learns_the_preferences_and_raises_the_gold_reward_of_samples(tmp_path):
+    task, tok, rows = demo()
+    sft_model, _ = demo_sft()
+    cfg = DPOConfig(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, max_steps=100, warmup_steps=5, eval_every=100,
+                    device="cpu")
+    policy, metrics = dpo(copy.deepcopy(sft_model), copy.deepcopy(sft_model), rows["pairs_train"], cfg, tmp_path,
+                          rows["pairs_eval"])
+    evals = [line for line in map(json.loads, open(tmp_path / "metrics.jsonl")) if line["split"] == "eval"]
+    assert evals[0]["loss"] == pytest.approx(math.log(2)) and evals[0]["rewards/accuracies"] == 0
+    assert metrics["eval/rewards/accuracies"] > 0.58 and metrics["eval/rewards/margins"] > 0  # 600 held-out pairs
+    prompts = task.prompts_eval * 4  # 600 samples: the mean gold is known to about +-0.1
+    before, after = (mean_gold_of_samples(m, task, tok, prompts) for m in (sft_model, policy))
+    print(f"DPO eval accuracy {metrics['eval/rewards/accuracies']:.3f}, gold of samples SFT {before:.3f} -> DPO {after:.3f}")
+    assert after > before + 0.3

@@ -12,8 +12,8 @@ from data import encode_dataset, get_tokenizer, load_task
 from dpo import token_logps
 from model import GPT, GPTConfig, ScalarModel
 from mpo import SFTConfig, sft
-from ppo import (PPOConfig, gae, policy_loss, ppo, ppo_update, response_logits, rollout, sample, shape_rewards,
-                 value_loss)
+from ppo import (PPOConfig, gae, policy_loss, ppo, ppo_update, response_logits, sample, score_samples,
+                 shape_rewards, value_loss)
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=257, block_size=128)
 
@@ -88,8 +88,8 @@ def test_rollout_and_training_forward_agree():
     assert torch.equal(response_logits(policy, seq, attn, P, 1.0).argmax(-1)[mask], seq[:, P:][mask])
     # A padded row gets the log-probs of the same row alone, unpadded.
     cfg = PPOConfig(temperature=0.7, max_new_tokens=12, micro_batch_size=2, samples_per_prompt=2)
-    ro, P = rollout(policy, copy.deepcopy(policy), rm, critic, [p for p in ids for _ in range(2)],
-                    tok.eot_token, cfg, torch.Generator().manual_seed(0))
+    samples = sample(policy, [p for p in ids for _ in range(2)], tok.eot_token, cfg, torch.Generator().manual_seed(0))
+    ro, P = score_samples(policy, copy.deepcopy(policy), rm, critic, *samples, tok.eot_token, cfg)
     for b in range(len(ro["seq"])):
         real = ro["attn"][b]
         alone = ro["seq"][b][real][None]
@@ -106,10 +106,10 @@ def test_rollout_and_training_forward_agree():
 
 
 def test_stage_runs_with_scalar_models_logs_and_skips_when_done(tmp_path):
-    tok, policy, rm, critic, prompts, _ = tiny_setup()
+    tok, policy, rm, critic, prompts, ids = tiny_setup()
     cfg = PPOConfig(prompts_per_step=2, max_new_tokens=8, passes=1, actor_lr=1e-3, critic_lr=1e-3, device="cpu")
     ref = copy.deepcopy(policy)
-    policy, metrics = ppo(policy, ref, rm, critic, prompts, tok, cfg, tmp_path, eval_prompts=prompts[:2])
+    policy, metrics = ppo(policy, ref, rm, critic, ids, tok, cfg, tmp_path, eval_prompts=ids[:2])
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["stage"] == "ppo" for r in lines)
@@ -121,18 +121,18 @@ def test_stage_runs_with_scalar_models_logs_and_skips_when_done(tmp_path):
     assert {s["prompt"] for s in samples} <= set(prompts) and all(isinstance(s["response"], str) for s in samples)
     # A finished stage only loads its weights when called again.
     fresh = GPT(TINY)
-    again, metrics_again = ppo(fresh, copy.deepcopy(fresh), rm, critic, prompts, tok, cfg, tmp_path)
+    again, metrics_again = ppo(fresh, copy.deepcopy(fresh), rm, critic, ids, tok, cfg, tmp_path)
     assert metrics_again == metrics
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), policy.state_dict().values()))
 
 
 def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, monkeypatch):
-    tok, policy, rm, critic, prompts, _ = tiny_setup()
+    tok, policy, rm, critic, _, ids = tiny_setup()
     cfg = PPOConfig(prompts_per_step=1, max_new_tokens=8, ckpt_every=1, actor_lr=1e-3, critic_lr=1e-3, device="cpu")
 
     def run(out_dir):  # fresh copies of the starting models, as a restarted process would have
         start = copy.deepcopy(policy)
-        return ppo(start, copy.deepcopy(policy), rm, copy.deepcopy(critic), prompts, tok, cfg, out_dir)[0]
+        return ppo(start, copy.deepcopy(policy), rm, copy.deepcopy(critic), ids, tok, cfg, out_dir)[0]
 
     straight = run(tmp_path / "straight")
     real_update, calls = ppo_module.ppo_update, []
@@ -178,9 +178,9 @@ def test_ppo_raises_demo_gold_reward_at_bounded_kl(tmp_path):
     # Small models learn at much larger learning rates than GPT-2; one pass over the 497 train prompts.
     cfg = PPOConfig(max_new_tokens=40, prompts_per_step=32, ppo_epochs=4, num_minibatches=2,
                     micro_batch_size=64, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1, eval_every=0, device="cpu")
-    prompts = sorted({p.prompt for p in task.pairs_train})
+    prompts = encode_dataset(tok, sorted({p.prompt for p in task.pairs_train}), 32, 40)
     policy, metrics = ppo(policy, ref, gold_rm, critic, prompts, tok, cfg, tmp_path / "ppo",
-                          eval_prompts=task.prompts_eval[:64], gold_reward=task.gold_reward)
+                          eval_prompts=encode_dataset(tok, task.prompts_eval[:64], 32, 40), gold_reward=task.gold_reward)
     evals = [r for r in map(json.loads, (tmp_path / "ppo" / "metrics.jsonl").open()) if r["split"] == "eval"]
     before = evals[0]  # the SFT policy, evaluated before the first update
     gain, kl = metrics["eval/gold"] - before["gold"], metrics["eval/kl"]

@@ -2,15 +2,13 @@
 python -m pytest -q tests/test_train.py"""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import TrainConfig, lr_at, train  # noqa: E402
+from train import TrainConfig, lr_at, train
 
 
 def rows(n=64, seed=0):

@@ -1,0 +1,193 @@
+"""Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation with
+the KV cache, and of one PPO iteration, each through the code the stages run (their loss functions,
+train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random tokens.
+
+    python bench.py                    # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
+    python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
+
+Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
+first line with the machine's matmul peak: GFLOP/s of a large fp32 matmul (bf16 on CUDA, where the
+steps run under bf16 autocast as the stages do). mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per
+matmul parameter per token for a forward, 6 for forward + backward (Kaplan et al. 2020), where the
+parameters are those of the transformer blocks on every token and the vocab x C LM head only on the
+positions where it runs (no logits on prompt positions); embedding lookups and attention scores
+(4 T C per layer per token, under 10% at these sizes) are not counted. Each benchmark runs --warmup
+untimed iterations, then reports the median of --iters timed ones. peak_mem_mb is the peak GPU memory
+allocated on CUDA; on CPU it is the process's peak resident memory (VmHWM, reset before each benchmark).
+"""
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from data import collate_pairs, collate_sft
+from dpo import DPOConfig, dpo_step_loss
+from model import GPT, GPTConfig, ScalarModel
+from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
+from ppo import PPOConfig, iteration
+from train import adamw, autocast, pick_device, to_device
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (Linux)
+            f.write("5")
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def timed(fn, device, warmup, iters):
+    """Median seconds of fn() over `iters` runs after `warmup` untimed ones, and the peak memory."""
+    for _ in range(warmup):
+        fn()
+    reset_peak_memory(device)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak_memory_mb(device)
+
+
+def matmul_peak(device, dtype, n=2048, iters=10):
+    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs): the ceiling the MFUs are measured against."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(iters + 2):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default in (("n-layer", 4), ("n-head", 4), ("n-embd", 256), ("vocab", 50257), ("batch", 8),
+                          ("prompt-len", 64), ("response-len", 64), ("ppo-epochs", 4), ("warmup", 2), ("iters", 5)):
+        p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models of the training steps")
+    p.add_argument("--only", nargs="*", help="run only these benchmarks (names as printed)")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    B, P, R = args.batch, args.prompt_len, args.response_len
+    config = GPTConfig(block_size=max(1024, P + R), vocab_size=args.vocab, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    policy = GPT(config).to(device)
+    n_body = sum(p.numel() for p in policy.transformer.h.parameters())
+    n_head = args.vocab * args.n_embd
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    common = {"device": str(device), "dtype": dtype}
+    print(json.dumps({"name": "matmul_peak", "gflops": round(peak, 1), **common,
+                      "threads": torch.get_num_threads()}), flush=True)
+
+    def report(name, seconds, mem, tokens, flops, **extra):
+        print(json.dumps({"name": name, "tokens_per_s": round(tokens / seconds, 1),
+                          "mfu": float(f"{flops / seconds / 1e9 / peak:.3g}"), "peak_mem_mb": round(mem),
+                          **common, "s_per_step": round(seconds, 4), **extra}), flush=True)
+
+    def wanted(name):
+        return not args.only or name in args.only
+
+    def ids(n):
+        return torch.randint(args.vocab, (n,)).tolist()
+
+    def flops(factor, rows, head_positions):  # body on all P + R tokens, LM head on head_positions per row
+        return factor * rows * (n_body * (P + R) + n_head * head_positions)
+
+    def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0):
+        """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip, AdamW."""
+        model.train()
+        fwd = torch.compile(model) if args.compile else model
+        opt = adamw(model, cfg, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        batch = to_device(batch, device)
+
+        def step():
+            with autocast(device):
+                loss, _ = loss_fn(fwd, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        seconds, mem = timed(step, device, args.warmup, args.iters)
+        report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R)
+
+    # The loss functions skip the LM head on prompt positions: it runs from position P - 1 on (R + 1 per row).
+    if wanted("sft_step"):
+        batch = collate_sft([(ids(P), ids(R)) for _ in range(B)])
+        train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B, flops(2, B, R + 1))
+    pairs = collate_pairs([(ids(P), ids(R), ids(R)) for _ in range(B)])
+    if wanted("rm_step"):
+        rm, cfg = ScalarModel.from_gpt(policy), RMConfig()
+        train_step_bench("rm_step", rm, lambda m, b: reward_model_loss(m, b, cfg), pairs, cfg, 2 * B,
+                         flops(2, 2 * B, 0))
+        del rm
+    if wanted("dpo_step"):  # the reference forward every step: DPOConfig(precompute_ref=False)
+        ref, cfg = copy.deepcopy(policy).eval().requires_grad_(False), DPOConfig()
+        train_step_bench("dpo_step", policy, lambda m, b: dpo_step_loss(m, ref, b, cfg), pairs, cfg, 2 * B,
+                         flops(2, 2 * B, R + 1), ref_flops=flops(2, 2 * B, R + 1))
+        del ref
+
+    policy.eval()
+    prompts = torch.randint(args.vocab, (B, P), device=device)
+    for name, temperature in (("generate_greedy", 0.0), ("generate_sample", 1.0)):
+        if wanted(name):  # no eos_id: every row generates all R tokens
+            def gen():
+                with autocast(device):
+                    policy.generate(prompts, R, temperature=temperature)
+            seconds, mem = timed(gen, device, args.warmup, args.iters)
+            # prefill: body on P tokens, head on the last; then R - 1 decode steps of body + head
+            report(name, seconds, mem, B * R, 2 * B * (n_body * (P + R - 1) + n_head * R), new_tokens=R)
+
+    if wanted("ppo_iteration"):
+        cfg = PPOConfig(prompts_per_step=B, samples_per_prompt=1, max_new_tokens=R, ppo_epochs=args.ppo_epochs,
+                        num_minibatches=1, micro_batch_size=B, device=str(device))
+        rm = ScalarModel.from_gpt(policy).eval().requires_grad_(False)
+        ref, critic = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(rm).requires_grad_(True)
+        opt_pi, opt_v = (torch.optim.AdamW(m.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)  # as ppo.ppo
+                         for m, lr in ((policy, cfg.actor_lr), (critic, cfg.critic_lr)))
+        prompt_ids = [ids(P) for _ in range(B)]
+        splits = []
+
+        def ppo_iter():
+            ro, _, _, stats = iteration(policy, ref, rm, critic, opt_pi, opt_v, prompt_ids, args.vocab - 1,
+                                        cfg.kl_coef, cfg, len(splits))
+            splits.append((stats["generate_s"], stats["rollout_s"] - stats["generate_s"], stats["update_s"],
+                           int(ro["mask"].size(1))))
+        seconds, mem = timed(ppo_iter, device, 1, args.iters)
+        generate_s, score_s, update_s, r = (statistics.median(x) for x in zip(*splits[1:]))
+        r = int(r)
+        # generation as above; rollout forwards: policy + reference (LM head on r rows), critic on P + r - 1
+        # tokens, RM on P + r; each PPO epoch: forward + backward of policy and critic
+        body, gen_flops = n_body * (P + r - 1), 2 * B * (n_body * (P + r - 1) + n_head * r)
+        score_flops = 2 * B * (2 * (body + n_head * r) + body + n_body * (P + r))
+        update_flops = 6 * B * args.ppo_epochs * (2 * body + n_head * r)
+        report("ppo_iteration", seconds, mem, B * r, gen_flops + score_flops + update_flops, s_per_iter=round(seconds, 3),
+               prompts=B, prompt_len=P, new_tokens=r, ppo_epochs=args.ppo_epochs, minibatches=1,
+               generate_s=round(generate_s, 3), score_s=round(score_s, 3), update_s=round(update_s, 3))
+
+
+if __name__ == "__main__":
+    main()
