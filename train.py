@@ -96,8 +96,9 @@ class Batches:
     The ragged tail of an epoch is dropped: every micro-batch has batch_size rows."""
 
     def __init__(self, rows, batch_size: int, seed: int):
-        if len(rows) < batch_size:
-            raise ValueError(f"{len(rows)} training rows are fewer than batch_size={batch_size}")
+        if not rows:
+            raise ValueError("no training rows")
+        batch_size = min(batch_size, len(rows))  # a set smaller than a batch (a small split) is one batch
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.per_epoch = len(rows) // batch_size
         self.epoch, self.index, self._order = 0, 0, None

@@ -171,7 +171,7 @@ def test_generation_stops_early_when_every_row_is_done():
     free = m.generate(idx, 16, temperature=0)
     step = int((free[0, 4:] == free[0, 4 + 6]).nonzero()[0])  # first time row 0 emits that token
     calls = []
-    m.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    m.transformer.ln_f.register_forward_hook(lambda *_: calls.append(1))  # one per forward: prefill + steps
     out = m.generate(idx, 16, temperature=0, eos_id=int(free[0, 4 + 6]), pad_id=0)
     assert len(calls) == step + 1 and out.shape == (1, 20)
     assert torch.equal(out[0, :5 + step], free[0, :5 + step]) and (out[0, 5 + step:] == 0).all()

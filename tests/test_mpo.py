@@ -1,0 +1,76 @@
+"""The MPO pipeline: the reward-gap split, the CLI, and a whole tiny run on the demo task with resume.
+python -m pytest -q tests/test_mpo.py"""
+import json
+
+import pytest
+import torch
+
+from mpo import DEMO, SplitConfig, parse_args, run_pipeline, split_by_reward_gap, split_pairs
+from data import get_tokenizer
+
+
+def test_split_by_reward_gap_uses_absolute_gap_and_puts_ties_at_delta_in_easy():
+    gaps = torch.tensor([0.5, -1.0, 1.0, 0.99, -2.5, 0.0, 3.0])
+    easy, hard = split_by_reward_gap(gaps, 1.0)
+    assert easy.tolist() == [1, 2, 4, 6] and hard.tolist() == [0, 3, 5]
+    easy, hard = split_by_reward_gap(gaps.tolist(), 0.0)  # delta 0: everything is easy
+    assert easy.tolist() == list(range(7)) and hard.tolist() == []
+    easy, hard = split_by_reward_gap(gaps, 10.0)
+    assert easy.tolist() == [] and hard.tolist() == list(range(7))
+
+
+def test_quantile_split_and_hard_first_order(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    rows = [([1, 2], [3, 256], [4, 256]), ([5], [6, 256], [7, 256]), ([1, 2], [8, 256], [9, 256]),
+            ([10], [11, 256], [12, 256])]
+    gaps = torch.tensor([0.1, 2.0, -0.3, 4.0])
+    easy, hard, stats = split_pairs(rows, gaps, SplitConfig(quantile=0.5), tmp_path, tok)
+    assert stats["delta"] == pytest.approx(torch.quantile(gaps.abs(), 0.5).item())  # 1.15: half on each side
+    assert easy == [rows[1], rows[3]] and hard == [[1, 2]]  # the hard prompts, each once
+    lines = [json.loads(line) for line in (tmp_path / "split.jsonl").read_text().splitlines()]
+    assert [line["side"] for line in lines] == ["hard", "easy", "hard", "easy"]
+    assert [line["gap"] for line in lines] == pytest.approx(gaps.tolist())
+    easy, hard, _ = split_pairs(rows, gaps, SplitConfig(delta=1.0, order="hard_first"), tmp_path, tok)
+    assert easy == [rows[0], rows[2]] and hard == [[5], [10]]
+    _, hard, stats = split_pairs(rows, gaps, SplitConfig(delta=0.0), tmp_path, tok)
+    assert hard == [] and stats["hard_prompts"] == 0
+    assert "leaves nothing for PPO" in capsys.readouterr().out
+
+
+def test_cli_flags_override_demo_values_and_dataclass_defaults():
+    cfgs = parse_args(["--dpo.beta", "0.1", "--split.delta", "2", "--seed", "3", "--ppo.whiten_rewards", "true"])
+    assert cfgs["dpo"].beta == 0.1 and cfgs["split"].delta == 2.0 and cfgs["ppo"].whiten_rewards is True
+    assert cfgs["sft"].lr == DEMO["sft"]["lr"] and cfgs["sft"].seed == 3 and cfgs["ppo"].seed == 3
+    assert cfgs["ppo"].max_new_tokens == cfgs["run"].max_response_len == DEMO["run"]["max_response_len"]
+    real = parse_args(["--dataset", "hh-rlhf"])
+    assert real["dpo"].lr == 5e-6 and real["run"].max_response_len == 256  # the author's values
+    with pytest.raises(SystemExit):
+        parse_args(["--dpo.beta", "high"])
+
+
+TINY_RUN = ["--max_train", "64", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--device", "cpu",
+            "--max_response_len", "24", "--sft.max_steps", "4", "--rm.max_steps", "4", "--dpo.max_steps", "2",
+            "--ppo.prompts_per_step", "64", "--ppo.ppo_epochs", "1", "--split.quantile", "0.5", "--eval.prompts", "16",
+            "--variants", "stage2_ref=sft"]
+
+
+def test_tiny_pipeline_runs_writes_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    report = run_pipeline(parse_args(TINY_RUN + ["--out", str(out)]))
+    text = report.read_text()
+    for name in ("sft", "dpo_all", "ppo_all", "mpo", "mpo[stage2_ref=sft]"):
+        assert f"| {name} |" in text
+    for png in ("gaps.png", "curves.png", "frontier.png"):
+        assert (out / png).stat().st_size > 1000
+    split = [json.loads(line) for line in (out / "split.jsonl").read_text().splitlines()]
+    assert {row["side"] for row in split} == {"easy", "hard"}
+    weights = {p: torch.load(p, weights_only=True) for p in out.rglob("final.pt")}
+    assert len(weights) == 8  # sft rm dpo_all ppo_all mpo_dpo mpo, and the variant's mpo_dpo mpo
+    capsys.readouterr()
+
+    again = run_pipeline(parse_args(TINY_RUN + ["--out", str(out)]))  # every stage done: all skipped
+    log = capsys.readouterr().out
+    assert log.count("done in an earlier run") == 8
+    assert again.read_text() == text  # same models, same seeds: the same evaluation
+    assert all(torch.equal(a, b) for p, w in weights.items()
+               for a, b in zip(w.values(), torch.load(p, weights_only=True).values()))
