@@ -354,7 +354,7 @@ class DemoConfig:
     seed: int = 0
     sft_train: int = 3000
     sft_eval: int = 200
-    pairs_train: int = 3000
+    pairs_train: int = 12000  # many: a tiny RM learns the noisy preferences slowly
     pairs_eval: int = 300
     prompts_eval: int = 150  # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs
-from train import TrainConfig, autocast, pick_device, to_device, train
+from train import TrainConfig, autocast, pick_device, shard, to_device, train, unshard
 
 
 @dataclass
@@ -78,14 +78,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 @torch.no_grad()
 def with_ref_logps(ref, pairs, batch_size, device):
     """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once, so
-    training needs no reference forward (TRL's precompute_ref_log_probs)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+    training needs no reference forward (TRL's precompute_ref_log_probs). Under torchrun each rank
+    computes a shard and every rank gets them all."""
+    out, mine = [], shard(pairs)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
         with autocast(device):
             logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
         out += [(*pair, c, r) for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):])]
-    return out
+    return unshard(out)
 
 
 def collate_with_ref(rows):

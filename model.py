@@ -190,7 +190,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, attention_mask=None, position_ids=None, logits_from=0):
         """Logits (B, T - logits_from, V); the 50k-wide LM head runs only where logits are needed."""
-        return self.lm_head(self.body(idx, attention_mask, position_ids)[:, logits_from:])
+        # contiguous: for a frozen model (the reference) matmul runs the strided (B, T', C) slice as a
+        # batched matmul against a B-times expanded weight, 1.6x slower than the single GEMM it folds to
+        return self.lm_head(self.body(idx, attention_mask, position_ids)[:, logits_from:].contiguous())
 
     def decode_logits(self, h, chunk=HEAD_CHUNK):
         """LM head on the (B, C) last hidden states of a decoding step, computed over the vocabulary in
@@ -298,7 +300,7 @@ class GPT(nn.Module):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Next token (B,) from last-position logits (B, V)."""
     if not temperature:
-        return logits.argmax(-1)
+        return logits.max(-1).indices  # argmax's first maximum too, and 3x faster than argmax on CPU
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

@@ -9,11 +9,14 @@ Every stage takes encoded rows from data.encode_dataset and runs through train.t
     policy, metrics = sft(gpt, encoded_examples, SFTConfig(), "out/run")
     rm, metrics = train_reward_model(ScalarModel.from_gpt(base), encoded_pairs, RMConfig(), "out/run")
 
-Tests: python -m pytest -q tests/test_stages.py
+Run: `python mpo.py --help`; rerunning with the same --out resumes (finished stages load, an unfinished
+one continues from its last checkpoint); `torchrun --nproc_per_node=N mpo.py ...` runs data-parallel.
+Tests: python -m pytest -q tests/test_stages.py tests/test_robust.py tests/test_ddp.py
 """
 import argparse
 import copy
 import inspect
+import io
 import json
 import math
 import re
@@ -30,7 +33,8 @@ from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, ge
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
-from train import TrainConfig, atomic_save, autocast, pick_device, to_device, train
+from train import (TrainConfig, atomic_save, autocast, check_shapes, is_main, load_weights, pick_device, rank,
+                   setup_distributed, shard, to_device, train, unshard)
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -118,13 +122,14 @@ def accuracy_by_gap(gaps, by=None) -> dict:
 
 @torch.no_grad()
 def batch_outputs(fn, model, rows, collate, batch_size, device) -> list:
-    """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch."""
+    """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch. Under
+    torchrun each rank takes a shard of the rows and every rank gets all the outputs, in order."""
     model.to(device).eval()
-    outputs = []
-    for i in range(0, len(rows), batch_size):
+    outputs, mine = [], shard(rows)
+    for i in range(0, len(mine), batch_size):
         with autocast(device):
-            outputs.append(fn(model, to_device(collate(rows[i:i + batch_size]), device)).float().cpu())
-    return outputs
+            outputs.append(fn(model, to_device(collate(mine[i:i + batch_size]), device)).float().cpu())
+    return unshard(outputs)
 
 
 def batch_scores(rm, rows, collate, batch_size, device) -> list:
@@ -163,19 +168,20 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
 @torch.no_grad()
 def sample_responses(model, prompts, eos_id, max_new_tokens, batch_size, device, seed=0, temperature=1.0,
                      top_k=None, top_p=None) -> list:
-    """One sampled response (token ids, EOS included when reached) per encoded prompt."""
+    """One sampled response (token ids, EOS included when reached) per encoded prompt. Under torchrun
+    each rank samples for a shard of the prompts (its own seed) and every rank gets all the responses."""
     model.to(device).eval()
-    g = torch.Generator(device).manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = to_device(collate_prompts(prompts[i:i + batch_size]), device)
+    g = torch.Generator(device).manual_seed(seed + rank() * 100003)
+    out, mine = [], shard(prompts)
+    for i in range(0, len(mine), batch_size):
+        batch = to_device(collate_prompts(mine[i:i + batch_size]), device)
         T = batch["tokens"].size(1)
         with autocast(device):
             new = model.generate(batch["tokens"], max_new_tokens, temperature, top_k, top_p, eos_id,
                                  batch["attention_mask"], generator=g)[:, T:]
         keep = response_mask(new, eos_id)
         out += [row[m].tolist() for row, m in zip(new.cpu(), keep.cpu())]
-    return out
+    return unshard(out)
 
 
 def split_by_reward_gap(gaps, delta):
@@ -214,10 +220,11 @@ def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size,
 def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device):
     """make_pairs once per run and source: out/pairs_<source>.pt (resampling is the costly part)."""
     cache = out / f"pairs_{source}.pt"
-    if not cache.exists():
-        atomic_save(make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size,
-                               device, run.seed), cache)
-    return torch.load(cache, weights_only=True)
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    made = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device, run.seed)
+    atomic_save(made, cache)
+    return made
 
 
 def split_pairs(rows, gaps, split, folder: Path, tok):
@@ -233,9 +240,12 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
     if split.order == "hard_first":  # ablation: DPO on the hard pairs, PPO on the easy prompts
         easy, hard = hard, easy
     easy_pairs, hard_prompts = [rows[i] for i in easy], distinct_prompts([rows[i] for i in hard])
-    for what, part in (("DPO (easy pairs)", easy_pairs), ("PPO (hard prompts)", hard_prompts)):
-        if not part:
-            print(f"warning: delta {delta:.3g} leaves nothing for {what}; that stage is skipped")
+    if not easy_pairs:
+        print(f"warning: delta {delta:.3g} leaves no pairs for DPO and {len(hard_prompts)} prompts for PPO: "
+              "MPO skips its DPO stage and runs PPO from the SFT model (the SFT model is also its reference)")
+    if not hard_prompts:
+        print(f"warning: delta {delta:.3g} leaves no prompts for PPO and {len(easy_pairs)} pairs for DPO: "
+              "MPO runs DPO on them and skips its PPO stage (MPO is then the DPO model)")
     return easy_pairs, hard_prompts, {"source": split.source, "delta": delta, "pairs": len(rows),
                                       "easy_pairs": len(easy_pairs), "hard_prompts": len(hard_prompts)}
 
@@ -272,14 +282,14 @@ def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalCon
         scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device))
         kl = logps_of(model, rows, cfg.batch_size, device) - logps_of(models["sft"], rows, cfg.batch_size, device)
         texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
-        results[name] = {"gold": sum(map(gold_reward, prompt_texts, texts)) / len(texts)} if gold_reward else {}
+        gold = torch.tensor([gold_reward(p, t) for p, t in zip(prompt_texts, texts)]) if gold_reward else None
+        results[name] = {"gold": float(gold.mean()), "gold_se": float(gold.std() / len(gold) ** 0.5)} if gold_reward else {}
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses)}
         samples[name] = list(zip(prompt_texts, texts))[:cfg.show]
     for name, r in results.items():
         diff = scores[name] - scores["sft"]
-        r["win"], r["lose"] = float((diff > cfg.tie).float().mean()), float((diff < -cfg.tie).float().mean())
-        r["tie"] = 1 - r["win"] - r["lose"]
+        r["win"], r["tie"], r["lose"] = (float(x.float().mean()) for x in (diff > cfg.tie, diff.abs() <= cfg.tie, diff < -cfg.tie))
         r["win_rate"] = r["win"] + r["tie"] / 2
     return results, samples
 
@@ -302,6 +312,7 @@ class RunConfig:
     max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
     variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
     out: str = ""                  # run folder; default out/<dataset>
+    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
     device: str = "auto"
     seed: int = 0
 
@@ -321,7 +332,11 @@ def trainable_copy(model):
     return copy.deepcopy(model).requires_grad_(True)
 
 
-def stage(out: Path, name: str, make, fn):
+class StopAfter(Exception):
+    """Raised after the stage named by --stop_after, so that train.sh can run one stage per line."""
+
+
+def stage(out: Path, name: str, make, fn, stop_after=""):
     """Run a stage once: its final weights go to out/name/final.pt and its metrics (wall time included)
     to out/name/result.json; a rerun with the same out loads them and skips the stage.
     fn(folder) -> (model, metrics); make() -> an empty model to load the weights into."""
@@ -329,41 +344,66 @@ def stage(out: Path, name: str, make, fn):
     final, result = folder / "final.pt", folder / "result.json"
     if final.exists():
         model = make()
-        model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+        load_weights(model, torch.load(final, map_location="cpu", weights_only=True), final)
         print(f"{name}: done in an earlier run, loaded {final}")
+        if name == stop_after:
+            raise StopAfter(name)
         return model, json.loads(result.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    model, metrics = fn(folder)
+    try:
+        model, metrics = fn(folder)
+    except torch.OutOfMemoryError:  # its own message is a page of allocator statistics
+        raise RuntimeError(out_of_memory(name)) from None
     metrics = {**metrics, "wall_s": time.time() - start}
     atomic_save(json.dumps(metrics, indent=1).encode(), result)
     atomic_save(model.state_dict(), final)  # written last: its presence marks the stage done
-    for ckpt in folder.glob("*_ckpt.pt"):  # the mid-stage resume point, superseded by final.pt
-        ckpt.unlink()
+    if is_main():
+        for ckpt in folder.glob("*_ckpt.pt"):  # the mid-stage resume point, superseded by final.pt
+            ckpt.unlink()
     print(f"{name}: finished in {metrics['wall_s']:.0f}s, saved {final}")
+    if name == stop_after:
+        raise StopAfter(name)
     return model.cpu(), metrics
+
+
+def out_of_memory(name: str) -> str:
+    """One line for a CUDA out-of-memory error in stage `name` (or outside the stages): what to lower."""
+    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "mpo": "ppo", "ppo_all": "ppo"}.get(name)
+    knobs = (f"--{group}.batch_size and raise --{group}.grad_accum as much (same effective batch)" if group in
+             ("sft", "rm", "dpo") else "--ppo.micro_batch_size (update) or --ppo.prompts_per_step (rollouts)"
+             if group == "ppo" else "--split.batch_size and --eval.batch_size (sampling and scoring)")
+    return (f"{name}: CUDA out of memory; lower {knobs}, or --max_prompt_len / --max_response_len; finished stages "
+            "and the last checkpoint are kept: rerun with the same --out to resume")
 
 
 def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, gold):
     """MPO proper: DPO on the easy pairs (init = ref = SFT), then PPO on the hard prompts with the DPO
     model as the starting policy and (unless ablated) the KL reference; the critic starts from the RM."""
-    new = lambda: GPT(sft_model.config)  # noqa: E731
+    new, stop = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after
     policy = sft_model
     if easy:
-        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d))
+        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d), stop)
     if not hard:
         return policy
     ref = policy if split.stage2_ref == "dpo" else sft_model
     return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
-                                                cfgs["ppo"], d, prompts_eval, gold))[0]
+                                                cfgs["ppo"], d, prompts_eval, gold), stop)[0]
+
+
+def check_same_model(out: Path, base):
+    """Before anything under out changes, a rerun's model must fit the checkpoints there: SFT's now (the
+    first stage; every stage has its shape), each stage's again as it loads."""
+    for path in (out / "sft" / "final.pt", out / "sft" / "sft_ckpt.pt"):
+        if path.exists():
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no weights read
+            check_shapes(base, state.get("model", state), path)
 
 
 def run_pipeline(cfgs: dict) -> Path:
     """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
     run, split = cfgs["run"], cfgs["split"]
     out = Path(run.out or f"out/{run.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
     task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
@@ -376,26 +416,32 @@ def run_pipeline(cfgs: dict) -> Path:
     base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
+    check_same_model(out, base)  # only now, with the data and the model checked, does anything under --out change
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
     new = lambda: GPT(base.config)  # noqa: E731
 
-    sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval))
+    sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval), run.stop_after)
+    torch.manual_seed(run.seed)  # the RM head's init: the same whether SFT ran now or was loaded (resume)
     rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
-        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval))
+        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after)
     pairs_of = lambda source: cached_pairs(out, source, sft_model, rm, pairs, tok, run, split.batch_size, device)  # noqa: E731
     rows, gaps = pairs_of(split.source)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
+    if run.stop_after == "split":
+        raise StopAfter("split")
 
     # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample.
     models, methods = {"sft": sft_model}, run.methods.split(",")
     if "dpo_all" in methods:
         models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d))[0]
+            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d), run.stop_after)[0]
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
             trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
-            prompts_eval, task.gold_reward))[0]
+            prompts_eval, task.gold_reward), run.stop_after)[0]
     if "mpo" in methods:
         models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
     variants = {}
@@ -413,6 +459,15 @@ def run_pipeline(cfgs: dict) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # Report: report.md beside its plots
 
+def save_figure(fig, path):
+    """The figure as PNG bytes written by atomic_save: a kill never leaves half a plot (nor, under
+    torchrun, a plot from every rank)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_save(buf.getvalue(), path)
+
+
 def plot_gaps(path, gaps, delta, rm_by_gap):
     """Left: |gap| histogram with the threshold. Right: the RM's held-out accuracy per |gap| bucket."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -426,16 +481,19 @@ def plot_gaps(path, gaps, delta, rm_by_gap):
         b.text(i, 0.03, f"n={rm_by_gap[n]['pairs']}", ha="center")
     b.set(xlabel="|RM gap| of held-out human pairs", ylabel="RM accuracy", ylim=(0, 1), title="Reliability by gap")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(path, out: Path):
     """One panel per stage folder: its key metric (train and held-out) against the step."""
     key = {"sft": "loss", "rm": "accuracy", "dpo": "rewards/margins", "ppo": "gold"}
     logs = sorted(out.rglob("metrics.jsonl"))
-    fig, axes = plt.subplots(1, len(logs), figsize=(3.3 * len(logs), 3), squeeze=False)
-    for ax, log in zip(axes[0], logs):
+    cols = min(len(logs), 4)
+    rows = -(-len(logs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(logs):]:
+        ax.axis("off")
+    for ax, log in zip(axes.flat, logs):
         records = [json.loads(line) for line in log.read_text().splitlines()]
         k = key[records[0]["stage"]] if records else ""
         k = k if any(k in r for r in records) else "score"  # PPO without a gold reward: the RM score
@@ -446,8 +504,7 @@ def plot_curves(path, out: Path):
         ax.set(title=str(log.parent.relative_to(out)), xlabel="step", ylabel=k)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_frontier(path, results, key):
@@ -458,8 +515,7 @@ def plot_frontier(path, results, key):
         ax.annotate(name, (r["kl_to_sft"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} vs KL to SFT")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(rows: dict, cols) -> list:
@@ -476,16 +532,17 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
     plot_curves(out / "curves.png", out)
     plot_frontier(out / "frontier.png", results, key)
     times = {str(p.parent.relative_to(out)): json.loads(p.read_text())["wall_s"] for p in sorted(out.rglob("result.json"))}
-    cols = [c for c in ("gold", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
-    best = max((n for n in results if n != "sft"), key=lambda n: results[n][key], default="sft")
+    cols = [c for c in ("gold", "gold_se", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
+    best = max(results, key=lambda n: results[n][key])
     lines = [f"# MPO run: {cfgs['run'].dataset}", "",
              f"Held-out prompts, one sampled response each (temperature {cfgs['eval'].temperature}); win / tie / lose "
              "against the SFT model's response to the same prompt, by reward-model score"
              + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
              *table(results, cols), "",
-             f"Highest {key}: **{best}** ({results[best][key]:.3f}; SFT {results['sft'][key]:.3f}). "
-             + ", ".join(f"{n} {r[key] - results['sft'][key]:+.3f}" for n, r in results.items() if n != "sft")
-             + f" against SFT.", "", "![reward vs KL](frontier.png)", "",
+             f"Highest {key}: **{best}**. " + " ".join(
+                 f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
+                                                             for m in results if m != n and "[" not in m) + "."
+                 for n in ("mpo", *variants) if n in results), "", "![reward vs KL](frontier.png)", "",
              "## The split", "",
              f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
              f"{split_stats['easy_pairs']} easy pairs for DPO, {split_stats['hard_prompts']} hard prompts for PPO "
@@ -513,12 +570,23 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 # budgets and the RM started from the SFT model (a random "base" knows nothing); the real datasets
 # keep the author's values above.
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
-        "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=10, eval_every=50, log_every=10),
-        "rm": dict(lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, init="sft", eval_every=50, log_every=10),
-        "dpo": dict(lr=5e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=1.0, eval_every=0, log_every=10),
+        "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
+        "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", eval_every=100,
+                   log_every=10),
+        "split": dict(quantile=0.5),  # this RM's gaps are small (most |gap| < 1): split at the median instead
+        "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
                     critic_lr=3e-4, kl_coef=0.05, eval_every=5),
         "eval": dict(prompts=150)}
+
+
+# Fields that take one of a few words, and the methods: anything else is refused before a run starts.
+CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+           "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
+           "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
+           "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
+           **{f"{group}.decay": ("cosine", "linear") for group in ("sft", "rm", "dpo")}}
+METHODS = ("dpo_all", "ppo_all", "mpo")
 
 
 def parse_value(kind, text: str):
@@ -558,8 +626,10 @@ def parse_args(argv=None) -> dict:
         section, helps = parser.add_argument_group(f"{group} ({cls.__name__})"), field_help(cls)
         for f in fields(cls):
             kind = type(f.default)
+            parse = lambda s, kind=kind: parse_value(kind, s)  # noqa: E731
+            parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
             section.add_argument(f"--{f.name}" if group == "run" else f"--{group}.{f.name}", dest=f"{group}.{f.name}",
-                                 metavar=kind.__name__.upper(), type=lambda s, kind=kind: parse_value(kind, s),
+                                 metavar=kind.__name__.upper(), type=parse, choices=CHOICES.get(f"{group}.{f.name}"),
                                  help=f"{helps.get(f.name, '')} (default {f.default!r})")
     given = {}
     for key, value in vars(parser.parse_args(argv)).items():
@@ -568,6 +638,15 @@ def parse_args(argv=None) -> dict:
             given.setdefault(group, {})[name] = value
     demo = given.get("run", {}).get("dataset", RunConfig.dataset) == "demo"
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
+    if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
+        parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    for text in filter(None, run.variants.split(";")):
+        try:
+            for name, value in parse_fields(SplitConfig, text).items():
+                if value not in CHOICES.get(f"split.{name}", (value,)):
+                    raise ValueError(f"{name} {value!r} is not one of {', '.join(CHOICES[f'split.{name}'])}")
+        except ValueError as e:
+            parser.error(f"argument --variants: {e}")
     shared = {"device": run.device, "seed": run.seed, "max_new_tokens": run.max_response_len}
     cfgs = {"run": run}
     for group, cls in list(CONFIGS.items())[1:]:
@@ -579,9 +658,16 @@ def parse_args(argv=None) -> dict:
 def main(argv=None):
     cfgs = parse_args(argv)
     try:
+        setup_distributed()  # under torchrun; a no-op otherwise
         report = run_pipeline(cfgs)
-    except (ValueError, RuntimeError, OSError) as e:  # bad data, a missing download, a bad flag value
-        sys.exit(f"mpo: error: {e}")
+    except StopAfter as e:
+        print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")
+        return
+    except torch.OutOfMemoryError:  # outside a stage (stage() explains its own); a RuntimeError, so first
+        sys.exit(f"mpo: error: {out_of_memory('sampling')}")
+    # Bad data or flag values, a missing download, a checkpoint of another shape, a NaN: one line, no traceback.
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
+        sys.exit("mpo: error: " + " ".join(str(e).split()))
     print(f"report: {report}")
 
 

@@ -51,7 +51,8 @@ import torch
 from data import collate_prompts
 from dpo import token_logps
 from model import response_mask
-from train import _drop_log_lines_after, atomic_save, autocast, pick_device
+from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_weights,
+                   mean_over_ranks, pick_device, rank, shard, sum_over_ranks, world_size)
 
 
 @dataclass
@@ -216,9 +217,11 @@ def ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, generator):
     B, device = ro["seq"].size(0), ro["seq"].device
     sums, n_all = defaultdict(float), 0.0
     for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(B, generator=generator).to(device).split(math.ceil(B / cfg.num_minibatches)):
-            n_tokens = ro["mask"][mb].sum()  # masked token mean over the whole minibatch (detail 13)
-            for idx in mb.split(cfg.micro_batch_size):
+        # Exactly num_minibatches optimizer steps, also under torchrun where ranks may hold unequal rollouts.
+        for mb in torch.randperm(B, generator=generator).to(device).tensor_split(cfg.num_minibatches):
+            # masked token mean over the whole minibatch (detail 13), of all ranks: DDP averages gradients
+            n_tokens = all_reduce_mean(ro["mask"][mb].sum().float())
+            for idx in [i for i in mb.split(cfg.micro_batch_size) if len(i)]:
                 b = {k: v[idx] for k, v in ro.items()}
                 m = b["mask"].float()
                 with autocast(device):
@@ -237,6 +240,9 @@ def ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, generator):
                         sums[k] += float((v * m).sum())
             n_all += float(n_tokens)
             for model, opt in ((policy, opt_pi), (critic, opt_v)):
+                if world_size() > 1:  # data parallel: every rank steps with the ranks' mean gradient
+                    for p in model.parameters():
+                        p.grad = all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -250,7 +256,7 @@ def iteration(policy, ref, reward_model, critic, opt_pi, opt_v, prompt_ids, eos_
     device = next(policy.parameters()).device
     t0 = time.time()
     # 1. Rollout; every random draw comes from generators seeded by (seed, iteration).
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + rank() * 100003)
     samples = sample(policy, prompt_ids, eos_id, cfg, generator)
     t1 = time.time()
     ro, P = score_samples(policy, ref, reward_model, critic, *samples, eos_id, cfg)
@@ -276,20 +282,22 @@ def adaptive_kl_coef(kl_coef, kl, n, cfg):
 def evaluate(policy, ref, reward_model, critic, prompt_ids, tok, cfg, gold_reward=None):
     """One sampled response per prompt, always with the same random draws (a fixed seed), so that
     evaluations along the stage differ only by the policy: mean RM score, KL to the reference (nats
-    per response), length, share ending with EOS, and the gold reward when the task has one."""
-    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1)
-    sums, step = defaultdict(float), cfg.prompts_per_step * cfg.samples_per_prompt
-    for i in range(0, len(prompt_ids), step):
-        samples = sample(policy, prompt_ids[i:i + step], tok.eot_token, cfg, generator)
+    per response), length, share ending with EOS, and the gold reward when the task has one. Under
+    torchrun each rank samples for its shard of the prompts and the sums are gathered."""
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank() * 100003)
+    sums, step, mine = defaultdict(float), cfg.prompts_per_step * cfg.samples_per_prompt, shard(prompt_ids)
+    for i in range(0, len(mine), step):
+        samples = sample(policy, mine[i:i + step], tok.eot_token, cfg, generator)
         ro, P = score_samples(policy, ref, reward_model, critic, *samples, tok.eot_token, cfg)
         sums["score"] += float(ro["raw_scores"].sum())
         sums["kl"] += float(((ro["logp"] - ro["ref_logp"]) * ro["mask"]).sum())
         sums["response_len"] += float(ro["mask"].sum())
         sums["eos_frac"] += float(ro["has_eos"].sum())
         if gold_reward:
-            pairs = decode(tok, prompt_ids[i:i + step], ro["seq"][:, P:], ro["mask"])
+            pairs = decode(tok, mine[i:i + step], ro["seq"][:, P:], ro["mask"])
             sums["gold"] += sum(gold_reward(p, r) for p, r in pairs)
-    return {k: v / len(prompt_ids) for k, v in sums.items()}
+    return {k: v / len(prompt_ids) for k, v in sum_over_ranks(sums).items()}
 
 
 def decode(tok, prompt_ids, responses, mask):
@@ -331,12 +339,12 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     it, kl_coef, result = 0, cfg.kl_coef, {}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        policy.load_state_dict(ckpt["policy"])
+        load_weights(policy, ckpt["policy"], ckpt_path)
         it, result = ckpt["iteration"], ckpt["metrics"]
         if ckpt["done"]:
             print(f"{stage}: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
             return policy, result
-        critic.load_state_dict(ckpt["critic"])
+        load_weights(critic, ckpt["critic"], ckpt_path)
         opt_pi.load_state_dict(ckpt["opt_pi"])
         opt_v.load_state_dict(ckpt["opt_v"])
         kl_coef = ckpt["kl_coef"]
@@ -354,10 +362,11 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
 
     def log(split, metrics, line, samples=()):
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"stage": stage, "step": it, "split": split, **metrics}) + "\n")
-        with open(samples_path, "a") as f:
-            f.writelines(json.dumps({"stage": stage, "step": it, **s}) + "\n" for s in samples)
+        if is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"stage": stage, "step": it, "split": split, **metrics}) + "\n")
+            with open(samples_path, "a") as f:
+                f.writelines(json.dumps({"stage": stage, "step": it, **s}) + "\n" for s in samples)
         print(line, flush=True)
 
     def run_eval():
@@ -371,8 +380,11 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         # This iteration's prompts (each pass in a new order), samples_per_prompt responses each.
         epoch, k = divmod(it, per_pass)
         order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        prompt_ids = [train_ids[i] for i in order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
-                      for _ in range(cfg.samples_per_prompt)]
+        batch = [train_ids[i] for i in order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+                 for _ in range(cfg.samples_per_prompt)]
+        # Under torchrun each rank samples its share (a rank left with none, at the tail of a pass, takes
+        # the first prompt: every rank must join each gradient all-reduce).
+        prompt_ids = batch[rank()::world_size()] or batch[:1]
         if cfg.lr_decay:
             for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):
                 for group in opt.param_groups:
@@ -390,8 +402,14 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
                                                   / masked_var(ro["returns"], mask).clamp(min=1e-8))}
         if gold_reward:
             stats["gold"] = sum(gold_reward(p, r) for p, r in pairs) / len(pairs)
+        stats = mean_over_ranks(stats)
+        kl = stats["kl"]
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"{stage}: {', '.join(bad)} not finite at iteration {it + 1}; stopped, last good "
+                                     f"checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
         if cfg.kl_target > 0:
-            kl_coef = adaptive_kl_coef(kl_coef, kl, len(prompt_ids), cfg)
+            kl_coef = adaptive_kl_coef(kl_coef, kl, len(batch), cfg)
         it += 1
         if it % cfg.log_every == 0 or it == total:
             samples = [{"prompt": p, "response": r, "score": float(s)}

@@ -6,11 +6,15 @@ weight decay on matrices only, linear warm-up then cosine or linear decay, gradi
 clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU), evaluation every `eval_every` steps, a progress
 line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe checkpoints. Calling
 `train` again with the same out_dir resumes from the last checkpoint (on CPU bit-identical to a run that
-never stopped); once a stage has finished, calling it again only loads the final weights.
+never stopped); once a stage has finished, calling it again only loads the final weights. Under torchrun
+the same loop runs data-parallel with DDP: the ranks share the grad_accum micro-batches of each step, so
+the effective batch (batch_size x grad_accum) does not depend on the number of processes.
 
     from train import TrainConfig, train
     metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/demo", "sft", collate)
 """
+import atexit
+import builtins
 import contextlib
 import datetime
 import json
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -45,7 +51,77 @@ class TrainConfig:
     compile: bool = False     # torch.compile the model for the forward passes
 
 
+# Data parallelism under torchrun (`torchrun --nproc_per_node=N mpo.py ...`): the only code that knows
+# about ranks. Without torchrun (WORLD_SIZE unset) rank is 0, world size 1 and every helper is a no-op.
+
+def setup_distributed() -> int:
+    """Join torchrun's process group (nccl on CUDA, one GPU per rank; gloo on CPU) and silence print()
+    on ranks > 0. Returns the world size; 1 without torchrun."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if not is_main():
+        builtins.print = lambda *args, **kwargs: None  # progress and reports from rank 0 only
+    return world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the ranks, in place (gradients, token counts)."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def gather(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...]: any picklable object."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(items: list) -> list:
+    """This rank's contiguous slice of items, for work split over the ranks (evaluation, sampling)."""
+    return items[rank() * len(items) // world_size():(rank() + 1) * len(items) // world_size()]
+
+
+def unshard(part: list) -> list:
+    """The inverse of shard: every rank's part, concatenated in rank order, on every rank."""
+    return [x for p in gather(part) for x in p]
+
+
+def sum_over_ranks(sums: dict) -> dict:
+    """Every rank's sums (floats; a rank with an empty shard may lack keys), added up."""
+    parts = gather(sums)
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    """Every rank's metrics (floats, same keys), averaged: logs describe the whole batch."""
+    parts = gather(metrics)
+    return {k: sum(p[k] for p in parts) / len(parts) for k in metrics}
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
@@ -57,7 +133,10 @@ def autocast(device):
 
 def atomic_save(obj, path):
     """Write to a temporary name, fsync, then rename: a crash mid-write never leaves a torn file behind.
-    `obj` is saved with torch.save, or written as is when it is bytes."""
+    `obj` is saved with torch.save, or written as is when it is bytes. Under torchrun only rank 0
+    writes: every rank holds the same weights and results."""
+    if not is_main():
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
@@ -93,7 +172,9 @@ def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
 class Batches:
     """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch, so
     the position (epoch, index into that epoch's order) is all a checkpoint needs to resume mid-epoch.
-    The ragged tail of an epoch is dropped: every micro-batch has batch_size rows."""
+    The ragged tail of an epoch is dropped: every micro-batch has batch_size rows. Under torchrun the
+    ranks deal out one stream of micro-batches (rank r takes every world-th, like DistributedSampler):
+    N processes see the micro-batches that one process would see, N at a time."""
 
     def __init__(self, rows, batch_size: int, seed: int):
         if not rows:
@@ -104,6 +185,9 @@ class Batches:
         self.epoch, self.index, self._order = 0, 0, None
 
     def __next__(self):
+        return [self._next() for _ in range(world_size())][rank()]
+
+    def _next(self):
         if self.index + self.batch_size > len(self.rows):
             self.epoch, self.index = self.epoch + 1, 0
         if self._order is None or self._order[0] != self.epoch:
@@ -121,17 +205,18 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, loss_fn, rows, collate, batch_size: int, device) -> dict:
-    """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch."""
+    """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch.
+    Under torchrun each rank evaluates its shard of the rows and the sums are gathered."""
     model.eval()
-    sums = {}
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+    sums, mine = {}, shard(rows)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
         with autocast(device):
             loss, metrics = loss_fn(model, to_device(collate(chunk), device))
         for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
     model.train()
-    return {k: v / len(rows) for k, v in sums.items()}
+    return {k: v / len(rows) for k, v in sum_over_ranks(sums).items()}
 
 
 def _rng_state() -> dict:
@@ -145,6 +230,24 @@ def _set_rng_state(state: dict):
     random.setstate(state["python"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_shapes(model, state: dict, path):
+    """A one-line error when the weights `state` read from `path` are another model's shape than `model`
+    (a rerun into an --out made with other --n_layer / --n_embd / --init flags)."""
+    ours = model.state_dict()
+    diff = [f"{k} {'missing' if k in ours else 'unexpected'}" for k in sorted(set(ours) ^ set(state))]
+    diff += [f"{k} is {tuple(v.shape)} there, {tuple(ours[k].shape)} in this run"
+             for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    if diff:
+        raise ValueError(f"{path}: checkpoint of another model shape ({diff[0]}; {len(diff)} mismatched tensors); "
+                         "rerun with the flags it was made with, or use another --out")
+
+
+def load_weights(model, state: dict, path):
+    """model.load_state_dict(state) after check_shapes."""
+    check_shapes(model, state, path)
+    model.load_state_dict(state)
 
 
 def _drop_log_lines_after(log_path: Path, stage: str, step: int):
@@ -166,7 +269,11 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
           key_metric: str = "loss") -> dict:
     """Train `model` in place; return the last logged metrics as {"train/<name>": x, "eval/<name>": y}.
     `key_metric` is the metric the progress line shows beside the loss."""
-    device = pick_device(cfg.device)
+    device, world = pick_device(cfg.device), world_size()
+    if cfg.grad_accum % world:
+        raise ValueError(f"{stage}: --{stage}.grad_accum {cfg.grad_accum} is not a multiple of the {world} processes "
+                         "(each takes grad_accum / processes micro-batches of a step: same effective batch)")
+    accum = cfg.grad_accum // world  # this rank's micro-batches per optimizer step
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / f"{stage}_ckpt.pt", out_dir / "metrics.jsonl"
@@ -176,32 +283,34 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     total = cfg.max_steps or max(1, int(cfg.epochs * batches.per_epoch) // cfg.grad_accum)
     step, result = 0, {}
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-        seed_fn(cfg.seed)
+        seed_fn(cfg.seed + rank() * 100003)  # each rank its own random stream (dropout)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, holds RNG states
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt_path)
         step, result = ckpt["step"], ckpt["metrics"]
         if ckpt["done"]:
             print(f"{stage}: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
             return result
         optimizer.load_state_dict(ckpt["optimizer"])
         batches.epoch, batches.index = ckpt["data"]
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"][rank() % len(ckpt["rng"])])
         print(f"{stage}: resuming from {ckpt_path} at step {step}/{total}")
     _drop_log_lines_after(log_path, stage, step if ckpt_path.exists() else -1)
 
     def save(done: bool):
         state = {"model": model.state_dict(), "step": step, "metrics": result, "done": done}
         if not done:  # a finished stage needs only its weights; the optimizer would triple the file
-            state.update(optimizer=optimizer.state_dict(), data=(batches.epoch, batches.index), rng=_rng_state())
+            state.update(optimizer=optimizer.state_dict(), data=(batches.epoch, batches.index),
+                         rng=gather(_rng_state()))  # one RNG state per rank
         atomic_save(state, ckpt_path)
 
     tty = sys.stdout.isatty()
 
     def log(split: str, metrics: dict, line: str):
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"stage": stage, "step": step, "split": split, **metrics}) + "\n")
+        if is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"stage": stage, "step": step, "split": split, **metrics}) + "\n")
         # On a terminal one line is rewritten in place (\r, then clear to the end of the line).
         print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
 
@@ -210,6 +319,8 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         log("eval", metrics, f"{stage} eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     fwd = torch.compile(model) if cfg.compile else model
+    # DDP all-reduces (averages) the gradients during backward, overlapped with it; evaluation uses fwd.
+    ddp = DDP(fwd, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None) if world > 1 else fwd
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     if step == 0 and eval_data and cfg.eval_every:
@@ -220,16 +331,18 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         for group in optimizer.param_groups:
             group["lr"] = lr
         metrics = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(accum):
+            if ddp is not fwd:  # all-reduce only in the last backward of the step (nanoGPT's no_sync shortcut)
+                ddp.require_backward_grad_sync = micro == accum - 1
             batch = to_device(collate(next(batches)), device)
             with autocast(device):
-                loss, extra = loss_fn(fwd, batch)
+                loss, extra = loss_fn(ddp, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step + 1}; stopped, last good "
                                          f"checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
-            (loss / cfg.grad_accum).backward()  # mean over the effective batch
+            (loss / accum).backward()  # mean over the effective batch (DDP averages over the ranks)
             for k, v in {"loss": loss.detach(), **extra}.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                metrics[k] = metrics.get(k, 0.0) + float(v) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"{stage}: gradient norm is {grad_norm.item()} at step {step + 1}; stopped, "
@@ -238,6 +351,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.log_every == 0 or step == total:
+            metrics = mean_over_ranks(metrics)
             rate = (step - start_step) / (time.time() - start_time)
             eta = datetime.timedelta(seconds=round((total - step) / rate))
             shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
@@ -247,7 +361,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
             run_eval()
         if step % cfg.ckpt_every == 0 and step < total:
             save(done=False)
-    if tty:
+    if tty and not eval_data:  # end the progress line (an eval line already ends with a newline)
         print()
     save(done=True)
     return result

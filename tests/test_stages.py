@@ -25,7 +25,8 @@ def demo():
     with the byte tokenizer."""
     task = load_task("demo", demo=DemoConfig(pairs_eval=600))
     tok = get_tokenizer("byte")
-    rows = {k: encode_dataset(tok, getattr(task, k), 32, 48, k) for k in ("sft_train", "sft_eval", "pairs_train", "pairs_eval")}
+    rows = {k: encode_dataset(tok, getattr(task, k), 32, 48, k)
+            for k in ("sft_train", "sft_eval", "pairs_train", "pairs_eval")}
     assert len(rows["pairs_eval"]) == len(task.pairs_eval)  # no pair dropped: rows line up with task pairs
     return task, tok, rows
 
@@ -90,7 +91,8 @@ def test_reward_is_read_at_the_last_real_token_like_scalar_model_score():
     with torch.no_grad():
         scores = last_token_scores(rm, batch)
         torch.testing.assert_close(scores, rm.score(batch["tokens"], batch["attention_mask"]))
-        alone = torch.stack([rm(torch.tensor([row[:n]]))[0, -1] for row, n in zip(batch["tokens"].tolist(), batch["lengths"])])
+        rows = zip(batch["tokens"].tolist(), batch["lengths"])
+        alone = torch.stack([rm(torch.tensor([row[:n]]))[0, -1] for row, n in rows])  # each row unpadded
     torch.testing.assert_close(scores, alone)
 
 

@@ -58,11 +58,13 @@ def test_accumulating_micro_batches_equals_one_big_batch(tmp_path):
     data, models, logs = rows(), [], []
     for i, (bs, acc) in enumerate([(4, 4), (16, 1)]):
         model = toy()
-        train(model, mse, data, None, cfg(batch_size=bs, grad_accum=acc, max_steps=6), tmp_path / str(i), "toy", collate)
+        train(model, mse, data, None, cfg(batch_size=bs, grad_accum=acc, max_steps=6), tmp_path / str(i), "toy",
+              collate)
         models.append(model)
         logs.append([line for line in lines(tmp_path / str(i)) if line["split"] == "train"])
     for a, b in zip(*logs):
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
