@@ -34,7 +34,7 @@ def test_quantile_split_and_hard_first_order(tmp_path, capsys):
     assert easy == [rows[0], rows[2]] and hard == [[5], [10]]
     _, hard, stats = split_pairs(rows, gaps, SplitConfig(delta=0.0), tmp_path, tok)
     assert hard == [] and stats["hard_prompts"] == 0
-    assert "leaves nothing for PPO" in capsys.readouterr().out
+    assert "no prompts for PPO" in capsys.readouterr().out
 
 
 def test_cli_flags_override_demo_values_and_dataclass_defaults():
