@@ -310,6 +310,7 @@ class RunConfig:
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
     methods: str = "dpo_all,ppo_all,mpo"  # what to train beside SFT: baselines dpo_all, ppo_all and mpo
     max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
+    max_eval: int = 0              # > 0: use only this many held-out SFT examples and pairs in stage evaluations
     variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
     out: str = ""                  # run folder; default out/<dataset>
     stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
@@ -409,9 +410,9 @@ def run_pipeline(cfgs: dict) -> Path:
     task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
     tok = get_tokenizer(task.tokenizer)
     enc = lambda items, name: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name)  # noqa: E731
-    limit = run.max_train or None
-    sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval, "sft_eval")
-    pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval, "pairs_eval")
+    limit, eval_limit = run.max_train or None, run.max_eval or None
+    sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval[:eval_limit], "sft_eval")
+    pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval[:eval_limit], "pairs_eval")
     prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval")  # PPO's held-out curve
     base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
