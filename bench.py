@@ -105,7 +105,7 @@ def main():
     def report(name, seconds, mem, tokens, flops, **extra):
         print(json.dumps({"name": name, "tokens_per_s": round(tokens / seconds, 1),
                           "mfu": float(f"{flops / seconds / 1e9 / peak:.3g}"), "peak_mem_mb": round(mem),
-                          **common, "s_per_step": round(seconds, 4), **extra}), flush=True)
+                          **common, "s_per_step": float(f"{seconds:.4g}"), **extra}), flush=True)
 
     def wanted(name):
         return not args.only or name in args.only
