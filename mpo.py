@@ -447,7 +447,7 @@ def run_pipeline(cfgs: dict) -> Path:
         models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
     variants = {}
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
-        v = replace(split, **parse_fields(SplitConfig, text))
+        v = with_split(split, parse_fields(SplitConfig, text))
         folder = out / "variants" / text.replace("=", "-").replace(",", "_")
         v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v.source), v, folder, tok)
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
@@ -653,7 +653,15 @@ def parse_args(argv=None) -> dict:
     for group, cls in list(CONFIGS.items())[1:]:
         inherited = {k: v for k, v in shared.items() if k in {f.name for f in fields(cls)}}
         cfgs[group] = cls(**{**inherited, **(DEMO.get(group, {}) if demo else {}), **given.get(group, {})})
+    cfgs["split"] = with_split(cfgs["split"], given.get("split", {}))
     return cfgs
+
+
+def with_split(split: SplitConfig, overrides: dict) -> SplitConfig:
+    """split with the overrides; a delta given without a quantile switches the quantile off (the demo's
+    default quantile would otherwise silently win over it)."""
+    return replace(split, **({"quantile": 0.0} if "delta" in overrides and "quantile" not in overrides else {}),
+                   **overrides)
 
 
 def main(argv=None):
