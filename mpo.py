@@ -256,6 +256,7 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
 @dataclass
 class EvalConfig:
     prompts: int = 500        # held-out prompts (paper: RM score of one sampled response per test prompt)
+    samples: int = 1          # responses per prompt: more of them shrink the standard errors
     temperature: float = 1.0  # 1.0 makes the KL estimate below unbiased
     batch_size: int = 32
     tie: float = 0.0          # |RM score difference| <= tie counts as a tie
@@ -268,11 +269,12 @@ def logps_of(model, rows, batch_size, device):
 
 
 def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalConfig, device) -> tuple:
-    """One response per held-out prompt from every model (same seed). Per model: mean RM score; win /
-    tie / lose against the SFT model's response to the same prompt, by RM score; KL to the SFT model
+    """cfg.samples responses per held-out prompt from every model (same seed). Per model: mean RM score;
+    win / tie / lose against the SFT model's response to the same prompt (same sample index), by RM score; KL to the SFT model
     (mean of log pi(y) - log pi_sft(y) over the model's own samples: the k1 estimator); mean length in
     tokens; the gold reward when the task has one. Returns (results, samples) keyed by model name."""
     prompts = encode_dataset(tok, prompt_texts[:cfg.prompts], run.max_prompt_len, run.max_response_len, "eval")
+    prompts = [p for p in prompts for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
     results, samples, scores = {}, {}, {}
     for name, model in models.items():
@@ -286,7 +288,7 @@ def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalCon
         results[name] = {"gold": float(gold.mean()), "gold_se": float(gold.std() / len(gold) ** 0.5)} if gold_reward else {}
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses)}
-        samples[name] = list(zip(prompt_texts, texts))[:cfg.show]
+        samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
     for name, r in results.items():
         diff = scores[name] - scores["sft"]
         r["win"], r["tie"], r["lose"] = (float(x.float().mean()) for x in (diff > cfg.tie, diff.abs() <= cfg.tie, diff < -cfg.tie))
@@ -578,7 +580,7 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
                     critic_lr=3e-4, kl_coef=0.05, eval_every=5),
-        "eval": dict(prompts=150)}
+        "eval": dict(prompts=150, samples=8)}
 
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
