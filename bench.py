@@ -6,14 +6,16 @@ train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and ra
     python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
 
 Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
-first line with the machine's matmul peak: GFLOP/s of a large fp32 matmul (bf16 on CUDA, where the
-steps run under bf16 autocast as the stages do). mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per
-matmul parameter per token for a forward, 6 for forward + backward (Kaplan et al. 2020), where the
-parameters are those of the transformer blocks on every token and the vocab x C LM head only on the
-positions where it runs (no logits on prompt positions); embedding lookups and attention scores
-(4 T C per layer per token, under 10% at these sizes) are not counted. Each benchmark runs --warmup
-untimed iterations, then reports the median of --iters timed ones. peak_mem_mb is the peak GPU memory
-allocated on CUDA; on CPU it is the process's peak resident memory (VmHWM, reset before each benchmark).
+first line with the machine's matmul peak: GFLOP/s of a large fp32 matmul (bf16 on CUDA, where the steps
+run under bf16 autocast as the stages do). tokens_per_s counts the batch's tokens, rows x (prompt +
+response), for a training step, and new tokens for generation and for PPO (over the whole iteration).
+mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token for a forward, 6 for
+forward + backward (Kaplan et al. 2020), where the parameters are those of the transformer blocks on
+every token they run on and the vocab x C LM head only on the positions where it runs (no logits on
+prompt positions); embedding lookups and attention scores (4 T C per layer per token, under 10% at
+these sizes) are not counted. Each benchmark runs --warmup untimed iterations, then reports the median
+of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA; on CPU it is the process's
+peak resident memory (VmHWM, reset before each benchmark).
 """
 import argparse
 import copy
@@ -27,7 +29,7 @@ from data import collate_pairs, collate_sft
 from dpo import DPOConfig, dpo_step_loss
 from model import GPT, GPTConfig, ScalarModel
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
-from ppo import PPOConfig, iteration
+from ppo import PPOConfig, iteration, optimizers
 from train import adamw, autocast, pick_device, to_device
 
 
@@ -113,8 +115,8 @@ def main():
     def ids(n):
         return torch.randint(args.vocab, (n,)).tolist()
 
-    def flops(factor, rows, head_positions):  # body on all P + R tokens, LM head on head_positions per row
-        return factor * rows * (n_body * (P + R) + n_head * head_positions)
+    def flops(factor, rows, body_tokens, head_positions):  # per row: blocks on body_tokens, LM head on head_positions
+        return factor * rows * (n_body * body_tokens + n_head * head_positions)
 
     def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0):
         """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip, AdamW."""
@@ -134,20 +136,21 @@ def main():
         seconds, mem = timed(step, device, args.warmup, args.iters)
         report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R)
 
-    # The loss functions skip the LM head on prompt positions: it runs from position P - 1 on (R + 1 per row).
+    # The log-prob losses run the model on all but the last token, the LM head from position P - 1 on:
+    # the R positions that predict response tokens. The reward model runs on every token, with no LM head.
     if wanted("sft_step"):
         batch = collate_sft([(ids(P), ids(R)) for _ in range(B)])
-        train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B, flops(2, B, R + 1))
+        train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B, flops(2, B, P + R - 1, R))
     pairs = collate_pairs([(ids(P), ids(R), ids(R)) for _ in range(B)])
     if wanted("rm_step"):
         rm, cfg = ScalarModel.from_gpt(policy), RMConfig()
         train_step_bench("rm_step", rm, lambda m, b: reward_model_loss(m, b, cfg), pairs, cfg, 2 * B,
-                         flops(2, 2 * B, 0))
+                         flops(2, 2 * B, P + R, 0))
         del rm
     if wanted("dpo_step"):  # the reference forward every step: DPOConfig(precompute_ref=False)
         ref, cfg = copy.deepcopy(policy).eval().requires_grad_(False), DPOConfig()
         train_step_bench("dpo_step", policy, lambda m, b: dpo_step_loss(m, ref, b, cfg), pairs, cfg, 2 * B,
-                         flops(2, 2 * B, R + 1), ref_flops=flops(2, 2 * B, R + 1))
+                         flops(2, 2 * B, P + R - 1, R), ref_flops=flops(2, 2 * B, P + R - 1, R))
         del ref
 
     policy.eval()
@@ -166,8 +169,7 @@ def main():
                         num_minibatches=1, micro_batch_size=B, device=str(device))
         rm = ScalarModel.from_gpt(policy).eval().requires_grad_(False)
         ref, critic = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(rm).requires_grad_(True)
-        opt_pi, opt_v = (torch.optim.AdamW(m.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)  # as ppo.ppo
-                         for m, lr in ((policy, cfg.actor_lr), (critic, cfg.critic_lr)))
+        opt_pi, opt_v = optimizers(policy, critic, cfg, device)
         prompt_ids = [ids(P) for _ in range(B)]
         splits = []
 

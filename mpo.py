@@ -53,7 +53,7 @@ def sft_loss(model, batch):
     """Mean next-token cross-entropy over response tokens + EOS; prompt and pad positions are masked."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
     start = max(int(batch["prompt_lens"].min()) - 1, 0)  # no LM head on positions that predict prompt
-    logits = model(tokens, logits_from=start)[:, :-1]
+    logits = model(tokens[:, :-1], logits_from=start)  # the last position predicts nothing: no forward on it
     targets = tokens[:, start + 1:].masked_fill(~mask[:, start + 1:], -100)  # -100: ignored
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100), {}
 

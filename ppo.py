@@ -249,6 +249,14 @@ def ppo_update(policy, critic, opt_pi, opt_v, ro, P, cfg, generator):
     return {k: v / n_all for k, v in sums.items()}
 
 
+def optimizers(policy, critic, cfg, device):
+    """AdamW for the actor and for the critic (detail 15). Fused: one pass per parameter instead of a
+    dozen elementwise ones, 5x faster steps on CPU (as train.adamw)."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return tuple(torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                   fused=fused) for model, lr in ((policy, cfg.actor_lr), (critic, cfg.critic_lr)))
+
+
 def iteration(policy, ref, reward_model, critic, opt_pi, opt_v, prompt_ids, eos_id, kl_coef, cfg, it):
     """One PPO iteration on prompt_ids: rollout -> KL-shaped rewards -> GAE -> PPO epochs. Returns
     (rollout dict, P, rewards, stats): the update statistics plus the seconds spent sampling
@@ -329,11 +337,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     ref.requires_grad_(False)
     reward_model.requires_grad_(False)
     train_ids, eval_ids = prompts, eval_prompts
-    fused = device.type in ("cuda", "cpu")  # one pass per parameter: 5x faster steps on CPU (train.adamw)
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                               fused=fused)
-    opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                              fused=fused)
+    opt_pi, opt_v = optimizers(policy, critic, cfg, device)
     per_pass = math.ceil(len(train_ids) / cfg.prompts_per_step)
     total = cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}

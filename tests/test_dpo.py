@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import collate_pairs, collate_prompts
-from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps
+from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps, token_logps
 from model import GPT, GPTConfig, response_mask
 from test_stages import demo, demo_sft  # the demo task and its SFT model, trained once per session
 
@@ -124,3 +124,13 @@ def test_dpo_learns_the_preferences_and_raises_the_gold_reward_of_samples(tmp_pa
     before, after = (mean_gold_of_samples(m, task, tok, prompts) for m in (sft_model, policy))
     print(f"DPO eval accuracy {metrics['eval/rewards/accuracies']:.3f}, gold of samples {before:.3f} -> {after:.3f}")
     assert after > before + 0.3
+
+
+def test_token_logps_hand_written_backward_matches_autograd_of_log_softmax():
+    logits = torch.randn(3, 4, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 4))
+    grad = torch.randn(3, 4)
+    expected = torch.autograd.grad(logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1), logits, grad)[0]
+    got = token_logps(logits, tokens)
+    torch.testing.assert_close(got, logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1))
+    torch.testing.assert_close(torch.autograd.grad(got, logits, grad)[0], expected)
