@@ -6,8 +6,9 @@ train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and ra
     python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
 
 Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
-first line with the machine's matmul peak: GFLOP/s of a large fp32 matmul (bf16 on CUDA, where the steps
-run under bf16 autocast as the stages do). tokens_per_s counts the batch's tokens, rows x (prompt +
+line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs the
+whole set: fp32, and bf16 autocast as the stages run it with --dtype bf16 (by default also, where the
+hardware has fast bf16: CUDA, or a CPU with AMX). tokens_per_s counts the batch's tokens, rows x (prompt +
 response), for a training step, and new tokens for generation and for PPO (over the whole iteration).
 mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token for a forward, 6 for
 forward + backward (Kaplan et al. 2020), where the parameters are those of the transformer blocks on
@@ -15,13 +16,15 @@ every token they run on and the vocab x C LM head only on the positions where it
 prompt positions); embedding lookups and attention scores (4 T C per layer per token, under 10% at
 these sizes) are not counted. Each benchmark runs --warmup untimed iterations, then reports the median
 of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA; on CPU it is the process's
-peak resident memory (VmHWM, reset before each benchmark).
+peak resident memory (VmHWM, reset before each benchmark). Training steps also print est_mem_mb,
+train.memory_estimate's figure for the step, which mpo.py prints at start.
 """
 import argparse
 import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,7 +33,7 @@ from dpo import DPOConfig, dpo_step_loss
 from model import GPT, GPTConfig, ScalarModel
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
 from ppo import PPOConfig, iteration, optimizers
-from train import adamw, autocast, pick_device, to_device
+from train import adamw, autocast, memory_estimate, pick_device, set_dtype, to_device
 
 
 def sync(device):
@@ -81,6 +84,12 @@ def matmul_peak(device, dtype, n=2048, iters=10):
     return 2 * n**3 / best / 1e9
 
 
+def fast_bf16(device):
+    """CUDA, or a CPU with AMX tile units (Linux /proc/cpuinfo flag amx_bf16)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return device.type == "cuda" or (cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag, default in (("n-layer", 4), ("n-head", 4), ("n-embd", 256), ("vocab", 50257), ("batch", 8),
@@ -88,18 +97,26 @@ def main():
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the models of the training steps")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing in the training steps")
+    p.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"),
+                   help="run every benchmark in each (default: fp32, and bf16 where the hardware is fast at it)")
     p.add_argument("--only", nargs="*", help="run only these benchmarks (names as printed)")
     args = p.parse_args()
     device = pick_device(args.device)
+    for dtype in args.dtype or (["fp32", "bf16"] if fast_bf16(device) else ["fp32"]):
+        set_dtype(dtype)
+        run_benchmarks(args, device, dtype)
+
+
+def run_benchmarks(args, device, dtype):
     torch.manual_seed(0)
     B, P, R = args.batch, args.prompt_len, args.response_len
     config = GPTConfig(block_size=max(1024, P + R), vocab_size=args.vocab, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
+                       n_head=args.n_head, n_embd=args.n_embd, grad_checkpoint=args.grad_checkpoint)
     policy = GPT(config).to(device)
     n_body = sum(p.numel() for p in policy.transformer.h.parameters())
     n_head = args.vocab * args.n_embd
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peak = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     common = {"device": str(device), "dtype": dtype}
     print(json.dumps({"name": "matmul_peak", "gflops": round(peak, 1), **common,
                       "threads": torch.get_num_threads()}), flush=True)
@@ -118,7 +135,7 @@ def main():
     def flops(factor, rows, body_tokens, head_positions):  # per row: blocks on body_tokens, LM head on head_positions
         return factor * rows * (n_body * body_tokens + n_head * head_positions)
 
-    def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0):
+    def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0, head_positions=R):
         """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip, AdamW."""
         model.train()
         fwd = torch.compile(model) if args.compile else model
@@ -134,7 +151,9 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
         seconds, mem = timed(step, device, args.warmup, args.iters)
-        report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R)
+        estimate = memory_estimate(config, rows, P + R, head_positions, frozen=int(ref_flops > 0), bf16=dtype == "bf16")
+        report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R,
+               est_mem_mb=round(estimate["total"] / 2**20))
 
     # The log-prob losses run the model on all but the last token, the LM head from position P - 1 on:
     # the R positions that predict response tokens. The reward model runs on every token, with no LM head.
@@ -145,7 +164,7 @@ def main():
     if wanted("rm_step"):
         rm, cfg = ScalarModel.from_gpt(policy), RMConfig()
         train_step_bench("rm_step", rm, lambda m, b: reward_model_loss(m, b, cfg), pairs, cfg, 2 * B,
-                         flops(2, 2 * B, P + R, 0))
+                         flops(2, 2 * B, P + R, 0), head_positions=0)
         del rm
     if wanted("dpo_step"):  # the reference forward every step: DPOConfig(precompute_ref=False)
         ref, cfg = copy.deepcopy(policy).eval().requires_grad_(False), DPOConfig()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
@@ -66,6 +67,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    grad_checkpoint: bool = False  # activation checkpointing: keep block inputs only, recompute in backward
 
 
 class KVCache:
@@ -183,7 +185,11 @@ class GPT(nn.Module):
             mask = sdpa_mask(keys, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
-            x = block(x, mask, cache)
+            if self.config.grad_checkpoint and torch.is_grad_enabled():
+                # memory for compute: backward runs the block's forward again (about a third more FLOPs)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -200,7 +206,7 @@ class GPT(nn.Module):
         weight does not fit the cache); chunk by chunk it streams through once. Same logits, 25% faster
         greedy decoding on one thread, 4% on two (bench.py generate_greedy)."""
         w = self.lm_head.weight
-        if h.device.type != "cpu":
+        if h.device.type != "cpu" or w.dtype != torch.float32:  # in bf16 the one GEMM is the faster
             return self.lm_head(h)
         return torch.cat([F.linear(h, w[i:i + HEAD_CHUNK]) for i in range(0, w.size(0), HEAD_CHUNK)], dim=1)
 
@@ -209,6 +215,12 @@ class GPT(nn.Module):
         """Sample max_new_tokens after the (B, T) prompts `idx`, which may be LEFT-padded with an
         attention_mask. Returns (B, T + max_new_tokens); a row's columns after its EOS are pad_id.
         temperature 0 or None is greedy."""
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        if dtype is not None and self.lm_head.weight.dtype != dtype:
+            # Decode with a copy of the weights cast once: autocast would cast every weight again at every
+            # step (its cast cache is off in inference mode), which made bf16 decoding slower than fp32.
+            return copy.deepcopy(self).to(dtype).generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                          attention_mask, pad_id, generator)
         B, T = idx.shape
         lengths = torch.full((B,), T, device=idx.device) if attention_mask is None else attention_mask.sum(1)
         if int(lengths.max()) + max_new_tokens > self.config.block_size:
@@ -342,8 +354,11 @@ class ScalarModel(nn.Module):
         return cls(gpt.config, copy.deepcopy(gpt))
 
     def forward(self, idx, attention_mask=None):
-        """Value per token (B, T)."""
-        return self.head(self.gpt.body(idx, attention_mask)).squeeze(-1) - self.offset
+        """Value per token (B, T), in fp32 even under bf16 autocast: bf16's 8-bit mantissa would round
+        scores to ~0.01-0.03 and move pairs across MPO's reward-gap threshold."""
+        h = self.gpt.body(idx, attention_mask)
+        with torch.autocast(idx.device.type, enabled=False):
+            return self.head(h.float()).squeeze(-1) - self.offset
 
     def score(self, idx, attention_mask):
         """(B,) read at the last real token (the EOS of query + response), left or right padding."""

@@ -33,8 +33,8 @@ from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, ge
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
-from train import (TrainConfig, atomic_save, autocast, check_shapes, is_main, load_weights, pick_device, rank,
-                   setup_distributed, shard, to_device, train, unshard)
+from train import (AUTOCAST_DTYPE, TrainConfig, atomic_save, autocast, check_shapes, is_main, load_weights,
+                   memory_estimate, pick_device, rank, set_dtype, setup_distributed, shard, to_device, train, unshard)
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -317,6 +317,8 @@ class RunConfig:
     out: str = ""                  # run folder; default out/<dataset>
     stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
     device: str = "auto"
+    dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
+    grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute (gpt2-large / xl)
     seed: int = 0
 
 
@@ -403,6 +405,23 @@ def check_same_model(out: Path, base):
             check_shapes(base, state.get("model", state), path)
 
 
+def print_memory_estimate(config, cfgs, device):
+    """One line at start: the estimated peak memory of each training stage (train.memory_estimate)."""
+    R = cfgs["run"].max_response_len
+    seq = cfgs["run"].max_prompt_len + R
+    bf16, dpo_cfg = AUTOCAST_DTYPE.get(device.type) == torch.bfloat16, cfgs["dpo"]
+    sizes = {"sft": memory_estimate(config, cfgs["sft"].batch_size, seq, R, bf16=bf16),
+             "rm": memory_estimate(config, 2 * cfgs["rm"].batch_size, seq, 0, bf16=bf16),
+             "dpo": memory_estimate(config, 2 * dpo_cfg.batch_size, seq, R, frozen=int(not dpo_cfg.precompute_ref),
+                                    bf16=bf16),
+             "ppo": memory_estimate(config, cfgs["ppo"].micro_batch_size, seq, R, trained=2, frozen=2, bf16=bf16)}
+    print(f"memory estimate ({device.type}, {'bf16' if bf16 else 'fp32'}"
+          f"{', activation checkpointing' if config.grad_checkpoint else ''}): "
+          + ", ".join(f"{name} {size['total'] / 2**30:.2f} GiB" for name, size in sizes.items())
+          + " per process (weights, AdamW state, one micro-batch's activations and logits; lower a stage's "
+          "batch_size or add --grad_checkpoint if that is more than the device has)")
+
+
 def run_pipeline(cfgs: dict) -> Path:
     """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
     run, split = cfgs["run"], cfgs["split"]
@@ -419,6 +438,9 @@ def run_pipeline(cfgs: dict) -> Path:
     base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
+    base.config.grad_checkpoint = run.grad_checkpoint  # shared by every model built from base.config
+    set_dtype(run.dtype)
+    print_memory_estimate(base.config, cfgs, device)
     check_same_model(out, base)  # only now, with the data and the model checked, does anything under --out change
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
@@ -585,6 +607,7 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
 CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+           "run.dtype": ("auto", "fp32", "bf16"),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),

@@ -3,10 +3,10 @@
 nanoGPT's train.py turned into a function. A stage hands it a model, a `loss_fn(model, batch) -> (loss,
 metrics)`, lists of encoded rows and a `collate(rows) -> batch dict`; `train` does the rest: AdamW with
 weight decay on matrices only, linear warm-up then cosine or linear decay, gradient accumulation,
-clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU), evaluation every `eval_every` steps, a progress
-line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe checkpoints. Calling
-`train` again with the same out_dir resumes from the last checkpoint (on CPU bit-identical to a run that
-never stopped); once a stage has finished, calling it again only loads the final weights. Under torchrun
+clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU unless --dtype bf16), evaluation every `eval_every`
+steps, a progress line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe
+checkpoints. Calling `train` again with the same out_dir resumes from the last checkpoint (on CPU
+bit-identical to a run that never stopped); once a stage has finished, calling it again only loads the final weights. Under torchrun
 the same loop runs data-parallel with DDP: the ranks share the grad_accum micro-batches of each step, so
 the effective batch (batch_size x grad_accum) does not depend on the number of processes.
 
@@ -125,10 +125,42 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+# Autocast dtype per device type, as --dtype sets it (set_dtype). bf16 has fp32's exponent range, so no
+# loss scaling is needed; weights, gradients and AdamW moments stay fp32 either way.
+AUTOCAST_DTYPE = {"cuda": torch.bfloat16}
+
+
+def set_dtype(name: str):
+    """--dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" everywhere, or "bf16" on CPU too: CPUs with AMX
+    (Intel Sapphire Rapids and later) run bf16 matmuls ~6x faster than fp32 (bench.py --dtype bf16)."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--dtype {name}: choose auto, fp32 or bf16")
+    AUTOCAST_DTYPE.clear()
+    AUTOCAST_DTYPE.update({"auto": {"cuda": torch.bfloat16}, "fp32": {},
+                           "bf16": {"cuda": torch.bfloat16, "cpu": torch.bfloat16}}[name])
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (same exponent range as fp32: no loss scaling needed); plain fp32 elsewhere."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast where --dtype asks for it on this device type; plain fp32 elsewhere."""
+    dtype = AUTOCAST_DTYPE.get(torch.device(device).type)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, bf16=False) -> dict:
+    """Rough peak bytes of one training micro-batch of `rows` sequences: fp32 weights, gradients and AdamW
+    moments (16 bytes per parameter) of the `trained` models, fp32 weights of the `frozen` ones, the
+    activations autograd keeps (about 34 bytes per token per unit of width per layer in 16-bit with flash
+    attention, Korthikanti et al. 2022, table 2; twice that in fp32; with activation checkpointing only
+    each block's input plus one block being recomputed) and two fp32 buffers of logits (the log-softmax
+    and its gradient) on the `head_positions` of each row."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    elem = 2 if bf16 else 4
+    per_layer = 17 * elem * rows * seq_len * C  # 34 bytes in 16-bit = 17 elements per token per C
+    kept = L * elem * rows * seq_len * C + per_layer if config.grad_checkpoint else L * per_layer
+    parts = {"weights": (16 * trained + 4 * frozen) * params, "activations": kept,
+             "logits": 2 * 4 * rows * head_positions * V}
+    return {**parts, "total": sum(parts.values())}
 
 
 def atomic_save(obj, path):

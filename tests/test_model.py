@@ -355,3 +355,42 @@ def test_tiny_hf_checkpoint(tmp_path):
     assert torch.equal(GPT.from_pretrained(tmp_path)(idx), logits)
     original, ours = (model.read_safetensors(d / "model.safetensors") for d in (TINY_HF, tmp_path))
     assert original.keys() == ours.keys() and all(torch.equal(original[k], ours[k]) for k in original)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        m = tiny().train()
+        m.config.grad_checkpoint = checkpointing
+        idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
+        loss = torch.nn.functional.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_generation_decodes_a_bf16_copy_and_leaves_the_model_fp32():
+    m = tiny()
+    idx = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(2))
+    before = [p.clone() for p in m.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(idx, 12, temperature=0)
+    assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    # Each bf16 greedy token is fp32's argmax up to bf16 rounding (8-bit mantissa): within 3% of the
+    # logits' range of fp32's best logit at that position, given the same prefix.
+    logits = m(out[:, :-1])[:, 5:]
+    chosen = logits.gather(2, out[:, 6:, None]).squeeze(2)
+    assert (logits.max(2).values - chosen).max() <= 0.03 * (logits.max() - logits.min())
+    assert (chosen == logits.max(2).values).float().mean() > 0.5  # and mostly exactly it
+
+
+def test_scalar_model_scores_in_fp32_under_bf16_autocast():
+    rm = ScalarModel.from_gpt(tiny())
+    idx, mask = right_pad([torch.randint(1, V, (n,)).tolist() for n in (4, 9)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score = rm.score(idx, mask)
+    assert score.dtype == torch.float32
+    torch.testing.assert_close(score, rm.score(idx, mask), rtol=0, atol=0.1 * rm.score(idx, mask).abs().max().item())

@@ -7,6 +7,7 @@ import torch
 
 from mpo import DEMO, SplitConfig, parse_args, run_pipeline, split_by_reward_gap, split_pairs
 from data import get_tokenizer
+from train import set_dtype
 
 
 def test_split_by_reward_gap_uses_absolute_gap_and_puts_ties_at_delta_in_easy():
@@ -76,3 +77,15 @@ def test_tiny_pipeline_runs_writes_report_and_resumes(tmp_path, capsys):
     assert again.read_text() == text  # same models, same seeds: the same evaluation
     assert all(torch.equal(a, b) for p, w in weights.items()
                for a, b in zip(w.values(), torch.load(p, weights_only=True).values()))
+
+
+def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory_estimate(tmp_path, capsys):
+    argv = TINY_RUN[:-2] + ["--methods", "mpo", "--dtype", "bf16", "--grad_checkpoint", "true", "--out", str(tmp_path)]
+    try:
+        text = run_pipeline(parse_args(argv)).read_text()
+    finally:
+        set_dtype("auto")
+    log = capsys.readouterr().out
+    assert "memory estimate (cpu, bf16, activation checkpointing): sft " in log and " ppo " in log
+    assert "| mpo |" in text
+    assert all(v.dtype == torch.float32 for v in torch.load(tmp_path / "mpo" / "final.pt").values() if v.is_floating_point())

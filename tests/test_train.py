@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import TrainConfig, lr_at, train
+from model import GPT, GPTConfig
+from train import TrainConfig, autocast, lr_at, memory_estimate, set_dtype, train
 
 
 def rows(n=64, seed=0):
@@ -114,3 +115,31 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / "toy_ckpt.pt", weights_only=False)
     assert ckpt["step"] == 3 and not ckpt["done"]
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_memory_estimate_counts_the_weights_exactly_and_shrinks_with_checkpointing_and_bf16():
+    config = GPTConfig(block_size=64, vocab_size=300, n_layer=3, n_head=2, n_embd=32)
+    n = sum(p.numel() for p in GPT(config).parameters())  # the tied LM head counted once
+    full = memory_estimate(config, rows=4, seq_len=20, head_positions=10, trained=2, frozen=1)
+    assert full["weights"] == (2 * 16 + 4) * n
+    assert full["logits"] == 2 * 4 * 4 * 10 * 300
+    assert full["total"] == full["weights"] + full["activations"] + full["logits"]
+    assert memory_estimate(config, 4, 20, 10, bf16=True)["activations"] == full["activations"] // 2
+    config.grad_checkpoint = True  # block inputs (1 element each) for 3 layers + one layer's 17: 20 of 51
+    assert memory_estimate(config, 4, 20, 10)["activations"] * 51 == full["activations"] * 20
+
+
+def test_dtype_flag_turns_cpu_autocast_on_and_off():
+    try:
+        set_dtype("bf16")
+        with autocast("cpu"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        set_dtype("fp32")
+        with autocast("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+        with pytest.raises(ValueError, match="--dtype fp16"):
+            set_dtype("fp16")
+    finally:
+        set_dtype("auto")
+    with autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
