@@ -3,7 +3,9 @@ the KV cache, and of one PPO iteration, each through the code the stages run (th
 train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random tokens.
 
     python bench.py                    # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
+    python bench.py --dtype fp32 --only dpo_step generate_greedy
     python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
+    python bench.py --n-layer 36 --n-head 20 --n-embd 1280 --device cuda --grad-checkpoint --batch 4  # gpt2-large
 
 Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
 line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs the

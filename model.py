@@ -219,8 +219,10 @@ class GPT(nn.Module):
         if dtype is not None and self.lm_head.weight.dtype != dtype:
             # Decode with a copy of the weights cast once: autocast would cast every weight again at every
             # step (its cast cache is off in inference mode), which made bf16 decoding slower than fp32.
-            return copy.deepcopy(self).to(dtype).generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
-                                                          attention_mask, pad_id, generator)
+            # deepcopy's memo takes each parameter's cast instead of copying it (no fp32 copy in between).
+            cast = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in self.parameters()}
+            return copy.deepcopy(self, cast).generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                      attention_mask, pad_id, generator)
         B, T = idx.shape
         lengths = torch.full((B,), T, device=idx.device) if attention_mask is None else attention_mask.sum(1)
         if int(lengths.max()) + max_new_tokens > self.config.block_size:
