@@ -23,7 +23,7 @@ sys.path.insert(0, {str(REPO)!r})
 from data import get_tokenizer
 from dpo import DPOConfig, dpo
 from model import GPT, GPTConfig, ScalarModel
-from ppo import PPOConfig, ppo
+from ppo import PPOConfig, masked_whiten, ppo
 from train import is_main, rank, setup_distributed, world_size
 
 setup_distributed()
@@ -46,6 +46,12 @@ cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, micr
 trained, _ = ppo(copy.deepcopy(policy), policy, rm, copy.deepcopy(rm), prompts, get_tokenizer("byte"), cfg,
                  sys.argv[1] + "/ppo")
 torch.save(trained.state_dict(), f"{{sys.argv[1]}}/ppo_rank{{rank()}}.pt")
+
+# Advantage whitening of 6 ragged rows: all of them in one process, 3 per rank under torchrun.
+g = torch.Generator().manual_seed(3)
+x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) > 0.3).float()
+rows = slice(3 * rank(), 3 * rank() + 3) if world_size() == 2 else slice(None)
+torch.save(masked_whiten(x[rows], mask[rows]), f"{{sys.argv[1]}}/whiten_rank{{rank()}}.pt")
 """
 
 
@@ -91,3 +97,12 @@ def test_ppo_ranks_sample_their_own_rollouts_and_stay_in_step(runs):
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     lines = [json.loads(line) for line in (tmp / "two" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]  # 8 prompts x 2 samples / 4 per iteration, logged once
+
+
+def test_advantages_are_whitened_with_the_statistics_of_the_whole_batch(runs):
+    tmp, _ = runs
+    whole = torch.load(tmp / "one" / "whiten_rank0.pt")
+    split = torch.cat([torch.load(tmp / "two" / f"whiten_rank{r}.pt") for r in (0, 1)])
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    nonzero = whole[whole != 0]
+    assert abs(float(nonzero.mean())) < 1e-5 and abs(float(nonzero.std(unbiased=False)) - 1) < 1e-4
