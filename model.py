@@ -279,6 +279,9 @@ class GPT(nn.Module):
             state = read_safetensors(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        head, wte = state.get("lm_head.weight"), state.get("wte.weight", state.get("transformer.wte.weight"))
+        if head is not None and wte is not None and not torch.equal(head, wte):  # GPT-2 ties them; we always do
+            raise ValueError(f"{path}: lm_head.weight differs from wte.weight (an untied head), GPT-2 ties them")
         # Accept keys with or without "transformer."; skip the causal-mask buffers older HF versions saved.
         state = {("" if k.startswith("transformer.") else "transformer.") + k: v for k, v in state.items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}

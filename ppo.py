@@ -26,7 +26,7 @@ and the author's DeepSpeed-Chat based code; the code cites them as "detail N":
     the policy finds less likely than the reference earns no bonus. Optional adaptive coefficient.
 10. The critic is a separate network initialised from the RM; values after the last token are 0.
 11. GAE with gamma 1, lambda 0.95 over the response tokens; returns = advantages + values.
-12. Advantages whitened with masked statistics of the whole batch (all ranks); reward whitening optional.
+12. Advantages whitened with masked statistics of the whole batch (all ranks); reward whitening optional (off).
 13. Clipped surrogate (0.2) and clipped value loss (0.2, x 0.5 x vf_coef); masked token means.
 14. Epochs over minibatches reshuffled each epoch, micro-batches with gradient accumulation.
 15. AdamW eps 1e-5, separate actor and critic learning rates, optional linear decay, grad clipping.

@@ -234,8 +234,13 @@ def test_keys_without_prefix_and_pytorch_model_bin(tmp_path):
     state = hf_layout(m, prefix=False)
     state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()  # buffers older HF versions saved
     state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    state["lm_head.weight"] = state["wte.weight"].clone()  # some checkpoints store the tied head too
     torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_weights(m, GPT.from_pretrained(tmp_path))
+    state["lm_head.weight"] = state["lm_head.weight"] + 1  # an untied head would be dropped silently
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "pytorch_model.bin")) + ": lm_head.weight differs"):
+        GPT.from_pretrained(tmp_path)
 
 
 def test_corrupt_or_mismatched_checkpoints_name_the_file(tmp_path):
