@@ -23,15 +23,12 @@ P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs 
 labels. Evaluation prompts are held out: they never appear in the training data.
 """
 import gzip
-import http.client
 import json
 import math
 import os
 import random
 import re
-import shutil
 import sys
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,8 @@ from typing import Callable, Iterator
 
 import tiktoken
 import torch
+
+from model import download_file
 
 EOT = "<|endoftext|>"
 GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
@@ -239,36 +238,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MPO_CACHE") or "~/.cache/mpo").expanduser() / "data"
 
 
-def _download(url: str, path: Path) -> Path:
-    """Fetch `url` to `path` once. The bytes are checked against Content-Length and land under a
-    temporary name first, so an interrupted download never leaves a file that looks complete."""
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            expected = r.headers.get("Content-Length")
-            shutil.copyfileobj(r, f, 1 << 20)
-            size = f.tell()
-        if expected is not None and size != int(expected):
-            raise RuntimeError(f"download of {url} is incomplete ({size} of {expected} bytes); run again")
-        os.replace(tmp, path)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts
-        raise RuntimeError(f"cannot download {url} ({_one_line(e)}); without network, put that file "
-                           f"at {path}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _find(rel: str, url: str, cache_dir=None, data_dir=None) -> Path:
     """data_dir/rel when present (a data_dir is laid out like the cache), else a cached download."""
     if data_dir and (Path(data_dir) / rel).exists():
         return Path(data_dir) / rel
-    return _download(url, Path(cache_dir or default_cache_dir()) / rel)
+    path = Path(cache_dir or default_cache_dir()) / rel
+    return download_file(url, path, f"without network, put that file at {path}")
 
 
 def download_hh_rlhf(subset: str, split: str, cache_dir=None, data_dir=None) -> Path:

@@ -433,22 +433,29 @@ def atomic_write(path, chunks, size=None):
         tmp.unlink(missing_ok=True)
 
 
+def download_file(url, path, hint):
+    """Fetch `url` to `path` once, size-checked against Content-Length and written atomically, so an
+    interrupted download never leaves a file that looks complete. Fails in one line ending with `hint`."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            size = response.headers.get("Content-Length")
+            atomic_write(path, iter(lambda: response.read(1 << 20), b""), None if size is None else int(size))
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        raise RuntimeError(f"cannot download {url} ({' '.join(str(e).split())}); {hint}") from None
+    return path
+
+
 def download(name, cache_dir=None):
     """Fetch config.json and model.safetensors of a hub GPT-2 once into <cache>/<name>; the cache is
     cache_dir, else $MPO_CACHE, else ~/.cache/mpo."""
     root = Path(cache_dir or os.environ.get("MPO_CACHE") or "~/.cache/mpo").expanduser() / name
     root.mkdir(parents=True, exist_ok=True)
     for file in ("config.json", "model.safetensors"):
-        if (root / file).exists():
-            continue
-        url = HUB_URL.format(name=name, file=file)
-        print(f"downloading {url} -> {root / file}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                size = response.headers.get("Content-Length")
-                atomic_write(root / file, iter(lambda: response.read(1 << 20), b""),
-                             None if size is None else int(size))
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            raise RuntimeError(f"cannot download {url} ({e}); offline? put config.json and model.safetensors "
-                               f"from https://huggingface.co/{name} into {root}/") from None
+        download_file(HUB_URL.format(name=name, file=file), root / file,
+                      f"offline? put config.json and model.safetensors from https://huggingface.co/{name} into {root}/")
     return root

@@ -20,6 +20,7 @@ import torch
 
 import data
 from data import DataError, Pair
+from model import download_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 A = "\n\nAssistant:"
@@ -234,11 +235,11 @@ def test_download_once_and_size_check(tmp_path, server, monkeypatch):
     assert data.read_hh_rlhf(path) == [Pair("\n\nHuman: q" + A, " a", " b")]
 
     files["/short/x.json"] = b"0123456789"
-    with pytest.raises(RuntimeError, match="incomplete .10 of 20 bytes") as e:
-        data._download(base + "/short/x.json", tmp_path / "dl" / "x.json")
+    with pytest.raises(RuntimeError, match="downloaded 10 of 20 bytes") as e:
+        download_file(base + "/short/x.json", tmp_path / "dl" / "x.json", "hint")
     assert "\n" not in str(e.value) and list((tmp_path / "dl").iterdir()) == []
     with pytest.raises(RuntimeError, match="404"):
-        data._download(base + "/missing.json", tmp_path / "dl" / "missing.json")
+        download_file(base + "/missing.json", tmp_path / "dl" / "missing.json", "hint")
     assert list((tmp_path / "dl").iterdir()) == []
     with pytest.raises(ValueError, match="helpful-online"):
         data.download_hh_rlhf("helpful", "test", cache_dir=tmp_path)
