@@ -2,7 +2,8 @@
 reward model finds easy and PPO on the prompts it finds hard.
 
 This file holds the method and the entry point, in pipeline order: the SFT stage, the reward-model stage,
-then (below them) scoring and the reward-gap split, the two-stage pipeline, evaluation and the CLI.
+then (below them) scoring and the reward-gap split, the two-stage pipeline, evaluation and the CLI;
+report.py writes report.md and the plots.
 Every stage takes encoded rows from data.encode_dataset and runs through train.train.
 
     from mpo import SFTConfig, sft, RMConfig, train_reward_model
@@ -16,7 +17,6 @@ Tests: python -m pytest -q tests/test_stages.py tests/test_robust.py tests/test_
 import argparse
 import copy
 import inspect
-import io
 import json
 import math
 import re
@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +32,9 @@ from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, ge
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
+from report import write_report
 from train import (AUTOCAST_DTYPE, TrainConfig, atomic_save, autocast, check_shapes, is_main, load_weights,
                    memory_estimate, pick_device, rank, set_dtype, setup_distributed, shard, to_device, train, unshard)
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 @dataclass
@@ -479,111 +476,6 @@ def run_pipeline(cfgs: dict) -> Path:
 
     results, samples = evaluate(models, rm, task.prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
     return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report: report.md beside its plots
-
-def save_figure(fig, path):
-    """The figure as PNG bytes written by atomic_save: a kill never leaves half a plot (nor, under
-    torchrun, a plot from every rank)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_save(buf.getvalue(), path)
-
-
-def plot_gaps(path, gaps, delta, rm_by_gap):
-    """Left: |gap| histogram with the threshold. Right: the RM's held-out accuracy per |gap| bucket."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.hist(gaps.abs().numpy(), bins=40, color="tab:blue")
-    a.axvline(delta, color="tab:red", ls="--", label=f"delta = {delta:.3g}")
-    a.set(xlabel="|reward-model gap|", ylabel="pairs", title="Pairs to split")
-    a.legend()
-    names = list(rm_by_gap)
-    b.bar(names, [rm_by_gap[n]["accuracy"] or 0 for n in names], color="tab:green")
-    for i, n in enumerate(names):
-        b.text(i, 0.03, f"n={rm_by_gap[n]['pairs']}", ha="center")
-    b.set(xlabel="|RM gap| of held-out human pairs", ylabel="RM accuracy", ylim=(0, 1), title="Reliability by gap")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_curves(path, out: Path):
-    """One panel per stage folder: its key metric (train and held-out) against the step."""
-    key = {"sft": "loss", "rm": "accuracy", "dpo": "rewards/margins", "ppo": "gold"}
-    logs = sorted(out.rglob("metrics.jsonl"))
-    cols = min(len(logs), 4)
-    rows = -(-len(logs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3 * rows), squeeze=False)
-    for ax in axes.flat[len(logs):]:
-        ax.axis("off")
-    for ax, log in zip(axes.flat, logs):
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-        k = key[records[0]["stage"]] if records else ""
-        k = k if any(k in r for r in records) else "score"  # PPO without a gold reward: the RM score
-        for split in ("train", "eval"):
-            points = [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
-            if points:
-                ax.plot(*zip(*points), label=split, marker="o" if split == "eval" else None, ms=3)
-        ax.set(title=str(log.parent.relative_to(out)), xlabel="step", ylabel=k)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_frontier(path, results, key):
-    """Reward against KL to the SFT model, one point per model (the DPO paper's frontier plot)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, r in results.items():
-        ax.scatter(r["kl_to_sft"], r[key])
-        ax.annotate(name, (r["kl_to_sft"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} vs KL to SFT")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def table(rows: dict, cols) -> list:
-    """Markdown table lines, one row per key of `rows`."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-            *[f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]]
-
-
-def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics) -> Path:
-    key = "gold" if "gold" in results["sft"] else "rm_score"
-    by_gap = rm_metrics.get("eval/accuracy_by_gap", {})
-    plot_gaps(out / "gaps.png", gaps, split_stats["delta"], by_gap)
-    plot_curves(out / "curves.png", out)
-    plot_frontier(out / "frontier.png", results, key)
-    times = {str(p.parent.relative_to(out)): json.loads(p.read_text())["wall_s"] for p in sorted(out.rglob("result.json"))}
-    cols = [c for c in ("gold", "gold_se", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
-    best = max(results, key=lambda n: results[n][key])
-    lines = [f"# MPO run: {cfgs['run'].dataset}", "",
-             f"Held-out prompts, one sampled response each (temperature {cfgs['eval'].temperature}); win / tie / lose "
-             "against the SFT model's response to the same prompt, by reward-model score"
-             + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
-             *table(results, cols), "",
-             f"Highest {key}: **{best}**. " + " ".join(
-                 f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
-                                                             for m in results if m != n and "[" not in m) + "."
-                 for n in ("mpo", *variants) if n in results), "", "![reward vs KL](frontier.png)", "",
-             "## The split", "",
-             f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
-             f"{split_stats['easy_pairs']} easy pairs for DPO, {split_stats['hard_prompts']} hard prompts for PPO "
-             "(every pair with its gap and side: `split.jsonl`). The reward model's accuracy on held-out pairs "
-             "by |gap|, the table the threshold rests on:", "",
-             *table({b: v for b, v in by_gap.items()}, ["accuracy", "pairs"]), "", "![gaps](gaps.png)", ""]
-    if variants:
-        lines += ["## Ablations", "", *table({n: {**variants[n], **results[n]} for n in variants},
-                                              ["delta", "easy_pairs", "hard_prompts", *cols]), ""]
-    lines += ["## Training", "", "Wall time per stage (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()), "",
-              "![learning curves](curves.png)", "", "## Samples", ""]
-    for name, pairs in samples.items():
-        lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
-    lines += ["## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
-    atomic_save("\n".join(lines).encode(), out / "report.md")
-    return out / "report.md"
 
 
 # ---------------------------------------------------------------------------------------------------
