@@ -282,7 +282,11 @@ def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalCon
         kl = logps_of(model, rows, cfg.batch_size, device) - logps_of(models["sft"], rows, cfg.batch_size, device)
         texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
         gold = torch.tensor([gold_reward(p, t) for p, t in zip(prompt_texts, texts)]) if gold_reward else None
-        results[name] = {"gold": float(gold.mean()), "gold_se": float(gold.std() / len(gold) ** 0.5)} if gold_reward else {}
+        if gold_reward:  # standard error over prompts: a prompt's samples are not independent of each other
+            per_prompt = gold.view(-1, cfg.samples).mean(1)
+            results[name] = {"gold": float(gold.mean()), "gold_se": float(per_prompt.std() / len(per_prompt) ** 0.5)}
+        else:
+            results[name] = {}
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses)}
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
