@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import urllib.error
@@ -313,7 +314,7 @@ class GPT(nn.Module):
               "vocab_size": c.vocab_size, "layer_norm_epsilon": c.layer_norm_epsilon,
               "activation_function": "gelu_new", "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
               "summary_first_dropout": 0.0, "tie_word_embeddings": True}
-        atomic_write(directory / "config.json", [json.dumps(hf, indent=2).encode()])
+        atomic_write(directory / "config.json", lambda f: f.write(json.dumps(hf, indent=2).encode()))
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -413,18 +414,24 @@ def write_safetensors(tensors, path, metadata=None):
         offset += t.numel() * t.element_size()
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad so every tensor starts 8-byte aligned
-    chunks = [struct.pack("<Q", len(blob)), blob]
-    chunks += [t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values()]
-    atomic_write(Path(path), chunks)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
+    atomic_write(path, write)
 
 
-def atomic_write(path, chunks, size=None):
-    """Write to a temporary name, then rename: a crash never leaves a half-written file at `path`."""
+def atomic_write(path, write, size=None):
+    """write(f) into a temporary file, fsync, then rename: a crash never leaves a half-written file at
+    `path`. With `size` (a download's Content-Length) a file of another length is refused."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
             written = f.tell()
         if size is not None and written != size:
             raise RuntimeError(f"{path}: downloaded {written} of {size} bytes (connection lost?); run again")
@@ -444,7 +451,7 @@ def download_file(url, path, hint):
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             size = response.headers.get("Content-Length")
-            atomic_write(path, iter(lambda: response.read(1 << 20), b""), None if size is None else int(size))
+            atomic_write(path, lambda f: shutil.copyfileobj(response, f, 1 << 20), None if size is None else int(size))
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise RuntimeError(f"cannot download {url} ({' '.join(str(e).split())}); {hint}") from None
     return path

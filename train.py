@@ -6,9 +6,10 @@ weight decay on matrices only, linear warm-up then cosine or linear decay, gradi
 clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU unless --dtype bf16), evaluation every `eval_every`
 steps, a progress line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe
 checkpoints. Calling `train` again with the same out_dir resumes from the last checkpoint (on CPU
-bit-identical to a run that never stopped); once a stage has finished, calling it again only loads the final weights. Under torchrun
-the same loop runs data-parallel with DDP: the ranks share the grad_accum micro-batches of each step, so
-the effective batch (batch_size x grad_accum) does not depend on the number of processes.
+bit-identical to a run that never stopped); once a stage has finished, calling it again only loads the
+final weights. Under torchrun the same loop runs data-parallel with DDP: the ranks share the grad_accum
+micro-batches of each step, so the effective batch (batch_size x grad_accum) does not depend on the
+number of processes.
 
     from train import TrainConfig, train
     metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/demo", "sft", collate)
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import atomic_write
 
 
 @dataclass
@@ -125,25 +128,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-# Autocast dtype per device type, as --dtype sets it (set_dtype). bf16 has fp32's exponent range, so no
-# loss scaling is needed; weights, gradients and AdamW moments stay fp32 either way.
-AUTOCAST_DTYPE = {"cuda": torch.bfloat16}
+# Autocast dtype per device type for each --dtype (set_dtype). bf16 has fp32's exponent range, so no loss
+# scaling is needed; weights, gradients and AdamW moments stay fp32 either way. "bf16" autocasts on CPU
+# too: CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls ~6x faster than fp32.
+AUTOCAST_DTYPES = {"auto": {"cuda": torch.bfloat16}, "fp32": {},
+                   "bf16": {"cuda": torch.bfloat16, "cpu": torch.bfloat16}}
+AUTOCAST_DTYPE = dict(AUTOCAST_DTYPES["auto"])  # the one in effect
 
 
 def set_dtype(name: str):
-    """--dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" everywhere, or "bf16" on CPU too: CPUs with AMX
-    (Intel Sapphire Rapids and later) run bf16 matmuls ~6x faster than fp32 (bench.py --dtype bf16)."""
-    if name not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"--dtype {name}: choose auto, fp32 or bf16")
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"--dtype {name}: choose {', '.join(AUTOCAST_DTYPES)}")
     AUTOCAST_DTYPE.clear()
-    AUTOCAST_DTYPE.update({"auto": {"cuda": torch.bfloat16}, "fp32": {},
-                           "bf16": {"cuda": torch.bfloat16, "cpu": torch.bfloat16}}[name])
+    AUTOCAST_DTYPE.update(AUTOCAST_DTYPES[name])
 
 
 def autocast(device):
     """bf16 autocast where --dtype asks for it on this device type; plain fp32 elsewhere."""
-    dtype = AUTOCAST_DTYPE.get(torch.device(device).type)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
+    device_type = torch.device(device).type
+    dtype = AUTOCAST_DTYPE.get(device_type)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, bf16=False) -> dict:
@@ -164,17 +168,11 @@ def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, 
 
 
 def atomic_save(obj, path):
-    """Write to a temporary name, fsync, then rename: a crash mid-write never leaves a torn file behind.
-    `obj` is saved with torch.save, or written as is when it is bytes. Under torchrun only rank 0
-    writes: every rank holds the same weights and results."""
-    if not is_main():
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """model.atomic_write of torch.save(obj), or of obj itself when it is bytes: a crash mid-write never
+    leaves a torn file behind. Under torchrun only rank 0 writes: every rank holds the same weights and
+    results."""
+    if is_main():
+        atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
