@@ -33,8 +33,9 @@ from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
 from report import write_report
-from train import (AUTOCAST_DTYPE, TrainConfig, atomic_save, autocast, check_shapes, is_main, load_weights,
-                   memory_estimate, pick_device, rank, set_dtype, setup_distributed, shard, to_device, train, unshard)
+from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
+                   load_weights, memory_estimate, pick_device, rank, set_dtype, setup_distributed, shard, to_device,
+                   train, unshard)
 
 
 @dataclass
@@ -265,12 +266,12 @@ def logps_of(model, rows, batch_size, device):
     return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device))
 
 
-def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalConfig, device) -> tuple:
-    """cfg.samples responses per held-out prompt from every model (same seed). Per model: mean RM score;
-    win / tie / lose against the SFT model's response to the same prompt (same sample index), by RM score; KL to the SFT model
-    (mean of log pi(y) - log pi_sft(y) over the model's own samples: the k1 estimator); mean length in
-    tokens; the gold reward when the task has one. Returns (results, samples) keyed by model name."""
-    prompts = encode_dataset(tok, prompt_texts[:cfg.prompts], run.max_prompt_len, run.max_response_len, "eval")
+def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, device) -> tuple:
+    """cfg.samples responses per encoded held-out prompt from every model (same seed). Per model: mean RM
+    score; win / tie / lose against the SFT model's response to the same prompt (same sample index), by
+    RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over the model's own samples: the k1
+    estimator); mean length in tokens; the gold reward when the task has one. Returns (results,
+    samples) keyed by model name."""
     prompts = [p for p in prompts for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
     results, samples, scores = {}, {}, {}
@@ -281,12 +282,11 @@ def evaluate(models: dict, rm, prompt_texts, gold_reward, tok, run, cfg: EvalCon
         scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device))
         kl = logps_of(model, rows, cfg.batch_size, device) - logps_of(models["sft"], rows, cfg.batch_size, device)
         texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
-        gold = torch.tensor([gold_reward(p, t) for p, t in zip(prompt_texts, texts)]) if gold_reward else None
+        results[name] = {}
         if gold_reward:  # standard error over prompts: a prompt's samples are not independent of each other
+            gold = torch.tensor([gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
             per_prompt = gold.view(-1, cfg.samples).mean(1)
             results[name] = {"gold": float(gold.mean()), "gold_se": float(per_prompt.std() / len(per_prompt) ** 0.5)}
-        else:
-            results[name] = {}
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses)}
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
@@ -435,7 +435,7 @@ def run_pipeline(cfgs: dict) -> Path:
     limit, eval_limit = run.max_train or None, run.max_eval or None
     sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval[:eval_limit], "sft_eval")
     pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval[:eval_limit], "pairs_eval")
-    prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval")  # PPO's held-out curve
+    prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval")  # PPO's curve, the evaluation
     base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
@@ -478,7 +478,7 @@ def run_pipeline(cfgs: dict) -> Path:
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
                                             task.gold_reward)
 
-    results, samples = evaluate(models, rm, task.prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
+    results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
     return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
 
 
@@ -503,7 +503,7 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
 CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
-           "run.dtype": ("auto", "fp32", "bf16"),
+           "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),

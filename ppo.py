@@ -339,9 +339,8 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         model.to(device).eval()  # detail 1: eval mode (no dropout) for good, training included
     ref.requires_grad_(False)
     reward_model.requires_grad_(False)
-    train_ids, eval_ids = prompts, eval_prompts
     opt_pi, opt_v = optimizers(policy, critic, cfg, device)
-    per_pass = math.ceil(len(train_ids) / cfg.prompts_per_step)
+    per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
     total = cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}
     if ckpt_path.exists():
@@ -377,17 +376,17 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         print(line, flush=True)
 
     def run_eval():
-        m = evaluate(policy, ref, reward_model, critic, eval_ids, tok, cfg, gold_reward)
+        m = evaluate(policy, ref, reward_model, critic, eval_prompts, tok, cfg, gold_reward)
         log("eval", m, f"{stage} eval iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
-    if it == 0 and eval_ids:
+    if it == 0 and eval_prompts:
         run_eval()
     start_time, start_it = time.time(), it
     while it < total:
         # This iteration's prompts (each pass in a new order), samples_per_prompt responses each.
         epoch, k = divmod(it, per_pass)
-        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch = [train_ids[i] for i in order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batch = [prompts[i] for i in order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
                  for _ in range(cfg.samples_per_prompt)]
         # Under torchrun each rank samples its share (a rank left with none, at the tail of a pass, takes
         # the first prompt: every rank must join each gradient all-reduce).
@@ -427,7 +426,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
             log("train", stats, f"{stage} {it}/{total} | {rate:.2f} it/s | ETA {eta} | score {stats['score']:.3f}{gold}"
                 f" | kl {kl:.3f} | len {stats['response_len']:.1f} | eos {stats['eos_frac']:.2f} | clipfrac "
                 f"{stats['clipfrac']:.3f} | rollout {stats['rollout_s']:.2f}s update {stats['update_s']:.2f}s", samples)
-        if eval_ids and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
+        if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
             run_eval()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < total:
             save(done=False)
