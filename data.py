@@ -246,24 +246,55 @@ def _find(rel: str, url: str, cache_dir=None, data_dir=None) -> Path:
     return download_file(url, path, f"without network, put that file at {path}")
 
 
-def download_hh_rlhf(subset: str, split: str, cache_dir=None, data_dir=None) -> Path:
-    """The published HH-RLHF file, cached as <cache>/hh-rlhf/<subset>/<split>.jsonl.gz."""
+def find_files(files: list[tuple[str, str]], data_dir=None, cache_dir=None) -> list[Path]:
+    """The local path of every (relative path, url) of a task, looked up under data_dir, then in the
+    download cache, else downloaded; every file that cannot be had is named in one error."""
+    found, missing, reason = [], [], ""
+    for rel, url in files:
+        try:
+            found.append(_find(rel, url, cache_dir, data_dir))
+        except RuntimeError as e:
+            missing.append(rel)
+            reason = reason or str(e).split(";")[0]
+    if missing:
+        where = f"--data_dir {data_dir} or " if data_dir else ""
+        raise DataError(f"{len(missing)} of {len(files)} data files missing: {', '.join(missing)} (looked in "
+                        f"{where}the download cache {cache_dir or default_cache_dir()}; {reason}); put them there "
+                        "under those relative paths, or run once with network")
+    return found
+
+
+def hh_rlhf_file(subset: str, split: str) -> tuple[str, str]:
+    """(path relative to a data_dir or the cache, url) of one published HH-RLHF file."""
     if subset not in HH_SUBSETS or split not in ("train", "test"):
         raise ValueError(f"no HH-RLHF file {subset}/{split} (subsets: {', '.join(HH_SUBSETS)}; "
                          "splits: train, test)")
-    return _find(f"hh-rlhf/{subset}/{split}.jsonl.gz", HH_URL.format(subset=subset, split=split),
-                 cache_dir, data_dir)
+    return f"hh-rlhf/{subset}/{split}.jsonl.gz", HH_URL.format(subset=subset, split=split)
+
+
+def tldr_sft_file(split: str) -> tuple[str, str]:
+    """tldr_3_filtered/<split>.jsonl (train, valid, test)."""
+    return f"tldr/tldr_3_filtered/{split}.jsonl", TLDR_SFT_URL.format(split=split)
+
+
+def tldr_comparisons_file(batch: int) -> tuple[str, str]:
+    """comparisons/batch<N>.json."""
+    return f"tldr/comparisons/batch{batch}.json", TLDR_COMPARISONS_URL.format(batch=batch)
+
+
+def download_hh_rlhf(subset: str, split: str, cache_dir=None, data_dir=None) -> Path:
+    """The published HH-RLHF file, cached as <cache>/hh-rlhf/<subset>/<split>.jsonl.gz."""
+    return _find(*hh_rlhf_file(subset, split), cache_dir, data_dir)
 
 
 def download_tldr_sft(split: str, cache_dir=None, data_dir=None) -> Path:
-    """tldr_3_filtered/<split>.jsonl (train, valid, test), cached as <cache>/tldr/tldr_3_filtered/."""
-    return _find(f"tldr/tldr_3_filtered/{split}.jsonl", TLDR_SFT_URL.format(split=split), cache_dir, data_dir)
+    """tldr_3_filtered/<split>.jsonl, cached as <cache>/tldr/tldr_3_filtered/."""
+    return _find(*tldr_sft_file(split), cache_dir, data_dir)
 
 
 def download_tldr_comparisons(batch: int, cache_dir=None, data_dir=None) -> Path:
     """comparisons/batch<N>.json, cached as <cache>/tldr/comparisons/batch<N>.json."""
-    return _find(f"tldr/comparisons/batch{batch}.json", TLDR_COMPARISONS_URL.format(batch=batch),
-                 cache_dir, data_dir)
+    return _find(*tldr_comparisons_file(batch), cache_dir, data_dir)
 
 
 @dataclass
@@ -276,6 +307,8 @@ class Task:
     prompts_eval: list[str]
     gold_reward: Callable[[str, str], float] | None
     tokenizer: str
+    prompt_cut: str = "left"  # how an over-long prompt is cut: "left", "turns" (HH-RLHF), "post" (TL;DR)
+    eval_subsets: list[str] | None = None  # the subset of each of prompts_eval (HH-RLHF: helpful / harmless)
 
 
 DEMO_TOPICS = {  # each topic's words, best first; the topic in DEMO_CLASH is the bad one
@@ -377,6 +410,18 @@ def make_demo_task(cfg: DemoConfig) -> Task:
                 pairs(cfg.pairs_eval, held), [demo_prompt(*p) for p in held], demo_gold_reward, "byte")
 
 
+def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, object]]:
+    """(group, item) for every item of every group, shuffled within its group, ordered so that every
+    prefix holds the groups in proportion to their sizes: the first k items are a stratified sample."""
+    keyed = []
+    for g, (name, items) in enumerate(groups.items()):
+        items = list(items)
+        rng.shuffle(items)
+        keyed += [((i + 0.5) / len(items), g, name, x) for i, x in enumerate(items)]
+    keyed.sort(key=lambda k: k[:2])
+    return [(name, x) for _, _, name, x in keyed]
+
+
 def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
               demo: DemoConfig | None = None) -> Task:
     """"demo" (built from `demo`, default DemoConfig(seed=seed)), "hh-rlhf" (helpful-base +
@@ -385,34 +430,83 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
     data_dir first (same layout as the cache: hh-rlhf/<subset>/<split>.jsonl.gz, tldr/...)."""
     if name == "demo":
         return make_demo_task(demo or DemoConfig(seed=seed))
+    rng = random.Random(seed)  # files come grouped by subset / batch; mix them once, reproducibly
     if name == "hh-rlhf":
-        train, test = ([p for s in ("helpful-base", "harmless-base")
-                        for p in read_hh_rlhf(download_hh_rlhf(s, split, data_dir=data_dir))]
-                       for split in ("train", "test"))
-        task = Task(name, [(p.prompt, p.chosen) for p in train], [(p.prompt, p.chosen) for p in test],
-                    train, test, list(dict.fromkeys(p.prompt for p in test)), None, "gpt2")
+        subsets = ("helpful-base", "harmless-base")
+        files = find_files([hh_rlhf_file(s, split) for split in ("train", "test") for s in subsets], data_dir)
+        train = [p for f in files[:2] for p in read_hh_rlhf(f)]
+        # Held-out data stratified by subset: every prefix (--eval.prompts, --max_eval) holds both.
+        test = interleave({s: read_hh_rlhf(f) for s, f in zip(subsets, files[2:])}, rng)
+        prompts = interleave({s: list(dict.fromkeys(p.prompt for s2, p in test if s2 == s)) for s in subsets}, rng)
+        prompts = list({p: s for s, p in prompts}.items())  # a prompt found in both subsets counts once
+        pairs_eval = [p for _, p in test]
+        task = Task(name, [(p.prompt, p.chosen) for p in train], [(p.prompt, p.chosen) for p in pairs_eval],
+                    train, pairs_eval, [p for p, _ in prompts], None, "gpt2", "turns", [s for _, s in prompts])
     elif name == "tldr":
-        sft_train, sft_eval, sft_test = (read_tldr_sft(download_tldr_sft(split, data_dir=data_dir), template)
-                                         for split in ("train", "valid", "test"))
-        files = [download_tldr_comparisons(b, data_dir=data_dir) for b in TLDR_BATCHES]
-        train, valid = ([p for f in files for p in read_tldr_comparisons(f, template, split)]
+        files = find_files([tldr_sft_file(split) for split in ("train", "valid", "test")]
+                           + [tldr_comparisons_file(b) for b in TLDR_BATCHES], data_dir)
+        sft_train, sft_eval, sft_test = (read_tldr_sft(f, template) for f in files[:3])
+        train, valid = ([p for f in files[3:] for p in read_tldr_comparisons(f, template, split)]
                         for split in ("train", "valid"))
-        task = Task(name, sft_train, sft_eval, train, valid, list(dict.fromkeys(p for p, _ in sft_test)),
-                    None, "gpt2")
+        prompts = list(dict.fromkeys(p for p, _ in sft_test))
+        for held_out in (sft_eval, valid, prompts):  # in file order they come by batch and subreddit
+            rng.shuffle(held_out)
+        task = Task(name, sft_train, sft_eval, train, valid, prompts, None, "gpt2", "post")
     else:
         raise ValueError(f"unknown task {name!r} (valid: demo, hh-rlhf, tldr)")
     for field in ("sft_train", "pairs_train", "pairs_eval", "prompts_eval"):
         if not getattr(task, field):
             raise ValueError(f"task {name}: {field} is empty after filtering")
-    rng = random.Random(seed)  # files come grouped by subset / batch; mix them once, reproducibly
     rng.shuffle(task.sft_train)
     rng.shuffle(task.pairs_train)
     return task
 
 
-def _cut_prompt(ids: list[int], max_len: int) -> tuple[list[int], bool]:
-    # Cut from the LEFT: the end of a dialogue is what the response answers.
-    return (ids[len(ids) - max_len:], True) if len(ids) > max_len else (ids, False)
+def _cut_turns(tok, text: str, max_len: int) -> list[int] | None:
+    # HH-RLHF (the author): drop whole oldest turns, so the dialogue still opens with a Human turn and
+    # no turn is cut in the middle; None when even the last Human turn does not fit.
+    for start in (m.start() for m in re.finditer(re.escape(HUMAN), text)):
+        if len(ids := _ids(tok, text[start:])) <= max_len:
+            return ids
+    return None
+
+
+def _cut_post(tok, text: str, max_len: int) -> list[int] | None:
+    # TL;DR (N+): keep the header (subreddit, title) or the instruction and the closing "TL;DR:" /
+    # "Assistant:", and shorten the post from its end, at a line break where one fits, else at a space.
+    for template in TLDR_TEMPLATES.values():
+        head, tail = template.split("{post}")
+        marker = head.rsplit("}", 1)[-1]  # the literal text just before the post
+        if text.endswith(tail) and (begin := text.find(marker)) >= 0:
+            begin += len(marker)
+            break
+    else:
+        return None
+    post = text[begin:len(text) - len(tail)]
+
+    def fits(cut):
+        return len(_ids(tok, text[:begin] + post[:cut] + tail)) <= max_len
+
+    for sep in ("\n", " "):
+        cuts = [m.start() for m in re.finditer(sep, post)]
+        lo, hi = 0, len(cuts)  # binary search for the longest post[:cut] that fits: cuts[lo - 1]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(cuts[mid - 1]) else (lo, mid - 1)
+        if lo:
+            return _ids(tok, text[:begin] + post[:cuts[lo - 1]].rstrip() + tail)
+    return None
+
+
+def _cut_prompt(tok, text: str, max_len: int, how: str = "left") -> tuple[list[int] | None, bool]:
+    """(ids, cut) of a prompt fitted into max_len tokens: "turns" and "post" as above, "left" keeps the
+    end of the prompt (what the response answers). ids None: no cut of that kind fits (row dropped)."""
+    ids = _ids(tok, text)
+    if len(ids) <= max_len:
+        return ids, False
+    if how == "left":
+        return ids[len(ids) - max_len:], True
+    return {"turns": _cut_turns, "post": _cut_post}[how](tok, text, max_len), True
 
 
 def _cut_response(ids: list[int], max_len: int, eos: int) -> tuple[list[int], bool]:
@@ -424,31 +518,37 @@ def _cut_response(ids: list[int], max_len: int, eos: int) -> tuple[list[int], bo
 def encode(tok, prompt: str, response: str, max_prompt_len: int, max_response_len: int):
     """(prompt_ids, response_ids): prompt cut from the left, response from the right, EOS appended
     when the response fits whole."""
-    return (_cut_prompt(_ids(tok, prompt), max_prompt_len)[0],
+    return (_cut_prompt(tok, prompt, max_prompt_len)[0],
             _cut_response(_ids(tok, response), max_response_len, tok.eot_token)[0])
 
 
-def encode_dataset(tok, items: list, max_prompt_len: int, max_response_len: int, name: str = "data") -> list:
-    """Encode prompts (str -> ids), SFT rows ((prompt, response) -> (p, r)) or Pairs (-> (p, c, r)).
-    Rows left with an empty prompt or response, and pairs whose two responses become identical
-    once truncated, are dropped; the counts go to stderr."""
+def encode_dataset(tok, items: list, max_prompt_len: int, max_response_len: int, name: str = "data",
+                   prompt_cut: str = "left", kept: list | None = None) -> list:
+    """Encode prompts (str -> ids), SFT rows ((prompt, response) -> (p, r)) or Pairs (-> (p, c, r)),
+    prompts cut as `prompt_cut` says (_cut_prompt). Rows whose prompt no cut fits, rows left with an
+    empty prompt or response, and pairs whose two responses become identical once truncated, are
+    dropped; the counts go to stderr. `kept`, when given, receives the index of every row kept."""
     out, cut_p, cut_r = [], 0, 0
-    drops = {"empty": 0, "identical after truncation": 0}
-    for x in items:
+    drops = {"prompt too long": 0, "empty": 0, "identical after truncation": 0}
+    for i, x in enumerate(items):
         prompt, responses = ((x, ()) if isinstance(x, str) else (x.prompt, (x.chosen, x.rejected))
                              if isinstance(x, Pair) else (x[0], (x[1],)))
-        p, cut = _cut_prompt(_ids(tok, prompt), max_prompt_len)
+        p, cut = _cut_prompt(tok, prompt, max_prompt_len, prompt_cut)
         rs = [_cut_response(_ids(tok, r), max_response_len, tok.eot_token) for r in responses]
         cut_p, cut_r = cut_p + cut, cut_r + sum(cut for _, cut in rs)
         rs = [r for r, _ in rs]
-        if not p or any(r in ([], [tok.eot_token]) for r in rs):
+        if p is None:
+            drops["prompt too long"] += 1
+        elif not p or any(r in ([], [tok.eot_token]) for r in rs):
             drops["empty"] += 1
         elif len(rs) == 2 and rs[0] == rs[1]:
             drops["identical after truncation"] += 1
         else:
             out.append(tuple([p, *rs]) if rs else p)
+            if kept is not None:
+                kept.append(i)
     detail = ", ".join(f"{k} {v}" for k, v in drops.items())
-    print(f"encode_dataset({name}): {len(items)} rows, truncated prompts {cut_p}, truncated responses "
+    print(f"encode_dataset({name}): {len(items)} rows, truncated prompts {cut_p} ({prompt_cut}), truncated responses "
           f"{cut_r}, dropped {sum(drops.values())} ({detail})", file=sys.stderr)
     return out
 

@@ -284,8 +284,54 @@ def test_encode_dataset_counts(capsys):
                    (list(b"efgh"), list(b" ok") + [256]),
                    list(b"ompt")]
     err = capsys.readouterr().err.strip()
-    assert err == ("encode_dataset(t): 6 rows, truncated prompts 4, truncated responses 2, "
-                   "dropped 3 (empty 2, identical after truncation 1)")
+    assert err == ("encode_dataset(t): 6 rows, truncated prompts 4 (left), truncated responses 2, "
+                   "dropped 3 (prompt too long 0, empty 2, identical after truncation 1)")
+    kept = []
+    assert data.encode_dataset(tok, items, 4, 4, kept=kept) == out and kept == [1, 4, 5]
+
+
+def test_hh_prompts_lose_whole_oldest_turns():
+    tok = data.get_tokenizer("byte")
+    turns = ["\n\nHuman: first question", "\n\nAssistant: first answer", "\n\nHuman: second", A]
+    prompt = "".join(turns)
+    fit = lambda n: data.encode_dataset(tok, [prompt], n, 8, prompt_cut="turns")  # noqa: E731
+    assert fit(len(prompt)) == [list(prompt.encode())]  # fits: untouched
+    # one byte short: the whole first exchange goes, never part of a turn; the rest starts with Human
+    assert fit(len(prompt) - 1) == [list("".join(turns[2:]).encode())]
+    assert fit(len(turns[2] + A)) == [list("".join(turns[2:]).encode())]
+    assert fit(len(turns[2] + A) - 1) == []  # not even the last Human turn fits: the row is dropped
+    # a cut from the left would have kept half a turn
+    assert data.encode_dataset(tok, [prompt], 30, 8) == [list(prompt.encode()[-30:])]
+
+
+@pytest.mark.parametrize("template", ["tldr", "author"])
+def test_tldr_posts_are_shortened_at_a_line_break_keeping_header_and_instruction(template, capsys):
+    tok = data.get_tokenizer("byte")
+    post = "line one is here\nline two is here\nline three"
+    info = {"post": post, "title": "a title", "subreddit": "sub"}
+    prompt = data._tldr_prompt(info, "post", template, "x")
+    head, tail = prompt.split(post)
+    fit = lambda n: data.encode_dataset(tok, [prompt], n, 8, prompt_cut="post")  # noqa: E731
+    assert fit(len(prompt)) == [list(prompt.encode())]
+    two_lines = head + "line one is here\nline two is here" + tail
+    assert fit(len(prompt) - 1) == [list(two_lines.encode())]
+    assert fit(len(two_lines)) == [list(two_lines.encode())]
+    assert fit(len(two_lines) - 1) == [list((head + "line one is here" + tail).encode())]
+    # the first line alone is too long: cut at a space instead
+    assert fit(len(head + "line one" + tail) + 2) == [list((head + "line one" + tail).encode())]
+    assert fit(len(head + tail)) == []  # no room for any of the post: dropped
+    assert "truncated prompts 1 (post)" in capsys.readouterr().err
+
+
+def test_interleave_is_a_stratified_shuffle():
+    import random
+    groups = {"a": list(range(30)), "b": list(range(100, 110))}
+    order = data.interleave(groups, random.Random(0))
+    assert sorted(x for _, x in order) == sorted(groups["a"] + groups["b"])
+    for k in (4, 8, 20, 40):  # every prefix holds the groups 3 : 1, as their sizes
+        assert abs(sum(g == "b" for g, _ in order[:k]) - k / 4) <= 1
+    assert [x for g, x in order if g == "a"] != groups["a"]  # shuffled within a group
+    assert data.interleave(groups, random.Random(0)) == order
 
 
 def test_collate_sft_right_padding_and_masks():
@@ -326,9 +372,13 @@ def test_load_task_hh_rlhf_from_data_dir(tmp_path, monkeypatch):
                         + [hh("\n\nHuman: dup" + A, " same", " same")])
     task = data.load_task("hh-rlhf", seed=1, data_dir=tmp_path)
     assert (len(task.sft_train), len(task.pairs_train), len(task.pairs_eval)) == (12, 12, 4)
-    assert task.tokenizer == "gpt2" and task.gold_reward is None
+    assert task.tokenizer == "gpt2" and task.gold_reward is None and task.prompt_cut == "turns"
     assert sorted(task.sft_train) == sorted((p.prompt, p.chosen) for p in task.pairs_train)
-    assert task.prompts_eval == [p.prompt for p in task.pairs_eval] and len(set(task.prompts_eval)) == 4
+    assert sorted(task.prompts_eval) == sorted(p.prompt for p in task.pairs_eval) and len(set(task.prompts_eval)) == 4
+    # held-out prompts stratified by subset: any two first ones hold one of each, each tagged with its subset
+    assert task.eval_subsets[:2] in (["helpful-base", "harmless-base"], ["harmless-base", "helpful-base"])
+    assert all(subset in prompt for prompt, subset in zip(task.prompts_eval, task.eval_subsets))
+    assert {p.prompt.split()[1] for p in task.pairs_eval[:2]} == {"helpful-base", "harmless-base"}
     assert data.load_task("hh-rlhf", seed=1, data_dir=tmp_path) == task
     for subset in ("helpful-base", "harmless-base"):
         write_jsonl(tmp_path / "hh-rlhf" / subset / "test.jsonl.gz", [hh("\n\nHuman: d" + A, " s", " s")])
@@ -349,7 +399,20 @@ def test_load_task_tldr_from_data_dir(tmp_path, monkeypatch):
     task = data.load_task("tldr", data_dir=tmp_path, template="tldr")
     assert (len(task.sft_train), len(task.sft_eval), len(task.pairs_train), len(task.pairs_eval)) == (3, 3, 2, 1)
     assert task.pairs_eval == [Pair("SUBREDDIT: r/sub\n\nTITLE: T\n\nPOST: b\n\nTL;DR:", " y", " x")]
-    assert task.prompts_eval == [f"SUBREDDIT: r/s\n\nTITLE: t\n\nPOST: test {i}\n\nTL;DR:" for i in range(3)]
+    assert sorted(task.prompts_eval) == [f"SUBREDDIT: r/s\n\nTITLE: t\n\nPOST: test {i}\n\nTL;DR:" for i in range(3)]
+    assert task.prompt_cut == "post" and task.eval_subsets is None
+
+
+def test_tldr_names_every_missing_file_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("off")))
+    (tmp_path / "tldr" / "tldr_3_filtered").mkdir(parents=True)
+    (tmp_path / "tldr" / "tldr_3_filtered" / "train.jsonl").write_text("")
+    with pytest.raises(DataError) as e:
+        data.load_task("tldr", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{2 + len(data.TLDR_BATCHES)} of {3 + len(data.TLDR_BATCHES)} data files")
+    assert "tldr/tldr_3_filtered/valid.jsonl" in msg and "tldr/comparisons/batch22.json" in msg
+    assert f"--data_dir {tmp_path}" in msg and "train.jsonl" not in msg
 
 
 def test_load_task_unknown_name():
