@@ -266,11 +266,12 @@ def logps_of(model, rows, batch_size, device):
     return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device))
 
 
-def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, device) -> tuple:
+def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, device, subsets=None) -> tuple:
     """cfg.samples responses per encoded held-out prompt from every model (same seed). Per model: mean RM
     score; win / tie / lose against the SFT model's response to the same prompt (same sample index), by
     RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over the model's own samples: the k1
-    estimator); mean length in tokens; the gold reward when the task has one. Returns (results,
+    estimator); mean length in tokens; the gold reward when the task has one. With `subsets` (one name
+    per prompt), the RM score, gold and win rate also per subset under "subsets". Returns (results,
     samples) keyed by model name."""
     prompts = [p for p in prompts for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
@@ -290,10 +291,20 @@ def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, 
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses)}
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
+    groups = {"all": torch.ones(len(prompts), dtype=torch.bool)}
+    if subsets:
+        per_sample = [s for s in subsets for _ in range(cfg.samples)]
+        groups |= {s: torch.tensor([x == s for x in per_sample]) for s in dict.fromkeys(subsets)}
     for name, r in results.items():
-        diff = scores[name] - scores["sft"]
-        r["win"], r["tie"], r["lose"] = (float(x.float().mean()) for x in (diff > cfg.tie, diff.abs() <= cfg.tie, diff < -cfg.tie))
-        r["win_rate"] = r["win"] + r["tie"] / 2
+        for group, inside in groups.items():
+            diff = scores[name][inside] - scores["sft"][inside]
+            win, tie, lose = (float(x.float().mean()) for x in (diff > cfg.tie, diff.abs() <= cfg.tie, diff < -cfg.tie))
+            if group == "all":
+                r |= {"win": win, "tie": tie, "lose": lose, "win_rate": win + tie / 2}
+            else:
+                r.setdefault("subsets", {})[group] = {"prompts": int(inside.sum()) // cfg.samples,
+                                                      "rm_score": float(scores[name][inside].mean()),
+                                                      "win_rate": win + tie / 2}
     return results, samples
 
 
@@ -309,7 +320,7 @@ class RunConfig:
     n_embd: int = 128
     data_dir: str = ""             # local data files laid out like the download cache
     template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
-    max_prompt_len: int = 256      # tokens; prompts are cut from the left (DeepSpeed-Chat: 256)
+    max_prompt_len: int = 512      # tokens (author: 512); HH drops whole oldest turns, TL;DR shortens the post
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
     methods: str = "dpo_all,ppo_all,mpo"  # what to train beside SFT: baselines dpo_all, ppo_all and mpo
     max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
@@ -431,11 +442,14 @@ def run_pipeline(cfgs: dict) -> Path:
     torch.manual_seed(run.seed)
     task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
     tok = get_tokenizer(task.tokenizer)
-    enc = lambda items, name: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name)  # noqa: E731
+    enc = lambda items, name, kept=None: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name,  # noqa: E731
+                                                        task.prompt_cut, kept)
     limit, eval_limit = run.max_train or None, run.max_eval or None
     sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval[:eval_limit], "sft_eval")
     pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval[:eval_limit], "pairs_eval")
-    prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval")  # PPO's curve, the evaluation
+    kept = []  # PPO's curve, the evaluation; stratified by subset where the task has them (data.interleave)
+    prompts_eval = enc(task.prompts_eval[:cfgs["eval"].prompts], "prompts_eval", kept)
+    subsets = [task.eval_subsets[i] for i in kept] if task.eval_subsets else None
     base = GPT.from_pretrained(run.init) if run.init else GPT(GPTConfig(
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
@@ -478,7 +492,7 @@ def run_pipeline(cfgs: dict) -> Path:
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
                                             task.gold_reward)
 
-    results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
+    results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
     return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
 
 

@@ -82,6 +82,19 @@ def table(rows: dict, cols) -> list:
             *[f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]]
 
 
+def subset_table(results) -> list:
+    """Report lines with RM score and win rate per subset of the held-out prompts (HH-RLHF: helpful-base,
+    harmless-base, as the paper reports them); none for a task without subsets."""
+    if "subsets" not in results["sft"]:
+        return []
+    names = list(results["sft"]["subsets"])
+    rows = {m: {f"{s} {k}": r["subsets"][s][k] for s in names for k in ("rm_score", "win_rate")}
+            for m, r in results.items()}
+    sizes = ", ".join(f"{s} {results['sft']['subsets'][s]['prompts']}" for s in names)
+    return [f"Per subset of the held-out prompts ({sizes} prompts):", "",
+            *table(rows, [f"{s} {k}" for s in names for k in ("rm_score", "win_rate")]), ""]
+
+
 def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics) -> Path:
     key = "gold" if "gold" in results["sft"] else "rm_score"
     by_gap = rm_metrics.get("eval/accuracy_by_gap", {})
@@ -96,7 +109,7 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              f"{cfgs['eval'].temperature}); win / tie / lose against the SFT model's response to the same prompt "
              "(same sample index), by reward-model score"
              + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
-             *table(results, cols), "",
+             *table(results, cols), "", *subset_table(results),
              f"Highest {key}: **{best}**. " + " ".join(
                  f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
                                                              for m in results if m != n and "[" not in m) + "."

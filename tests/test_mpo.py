@@ -89,3 +89,25 @@ def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory
     assert "memory estimate (cpu, bf16, activation checkpointing): sft " in log and " ppo " in log
     assert "| mpo |" in text
     assert all(v.dtype == torch.float32 for v in torch.load(tmp_path / "mpo" / "final.pt").values() if v.is_floating_point())
+
+
+def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
+    from mpo import EvalConfig, RunConfig, evaluate
+    from model import GPT, GPTConfig, ScalarModel
+    torch.manual_seed(0)
+    tok = get_tokenizer("byte")
+    config = GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)
+    models = {"sft": GPT(config), "other": GPT(config)}
+    rm = ScalarModel(config)
+    prompts = [list(f"prompt {i}:".encode()) for i in range(6)]
+    subsets = ["helpful", "harmless", "helpful", "helpful", "harmless", "helpful"]
+    cfg = EvalConfig(samples=2, batch_size=4)
+    results, _ = evaluate(models, rm, prompts, None, tok, RunConfig(max_response_len=6), cfg, "cpu", subsets)
+    for name, r in results.items():
+        parts = r["subsets"]
+        assert {s: p["prompts"] for s, p in parts.items()} == {"helpful": 4, "harmless": 2}
+        whole = sum(p["rm_score"] * p["prompts"] for p in parts.values()) / 6
+        assert whole == pytest.approx(r["rm_score"], abs=1e-5)
+        assert sum(p["win_rate"] * p["prompts"] for p in parts.values()) / 6 == pytest.approx(r["win_rate"])
+    assert all(p["win_rate"] == 0.5 for p in results["sft"]["subsets"].values())  # ties with itself
+    assert "subsets" not in evaluate(models, rm, prompts, None, tok, RunConfig(max_response_len=6), cfg, "cpu")[0]["sft"]
