@@ -30,6 +30,7 @@ class DPOConfig(TrainConfig):
     batch_size: int = 8            # pairs per micro-batch: 16 rows in the concatenated forward
     grad_accum: int = 16           # effective batch 128 pairs (author)
     epochs: float = 1.0            # one pass over the easy pairs (author)
+    warmup_steps: int = 100        # author
     beta: float = 0.3              # author's MPO script (0.2 in an older one)
     label_smoothing: float = 0.0   # cDPO: assumed fraction of flipped labels
     loss_type: str = "sigmoid"     # "sigmoid" (DPO, cDPO) or "ipo"

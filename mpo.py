@@ -40,8 +40,9 @@ from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, au
 
 @dataclass
 class SFTConfig(TrainConfig):
-    # DeepSpeed-Chat step 1 (the author's code base): lr 9.65e-6, no weight decay, cosine, no warm-up.
-    lr: float = 9.65e-6
+    # The author's SFT script: lr 5e-5, 500 warm-up steps, cosine, no weight decay, 1 epoch.
+    lr: float = 5e-5
+    warmup_steps: int = 500
     batch_size: int = 8
     grad_accum: int = 4
     epochs: float = 1.0
@@ -68,9 +69,9 @@ def sft(model, examples, cfg: SFTConfig, out_dir, eval_examples=None):
 
 @dataclass
 class RMConfig(TrainConfig):
-    # DeepSpeed-Chat step 2 for small models: lr 5e-5, weight decay 0.1, cosine, 1 epoch (RMs overfit
-    # preference data fast; N+ uses lr 3e-6). Effective batch 64 = DS-Chat's 8 per GPU x 8 GPUs.
-    lr: float = 5e-5
+    # The author's RM script: lr 5e-6 (DeepSpeed-Chat's small-model example: 5e-5); weight decay 0.1,
+    # cosine, 1 epoch (RMs overfit preference data fast). Effective batch 64 = DS-Chat's 8 per GPU x 8 GPUs.
+    lr: float = 5e-6
     batch_size: int = 8
     grad_accum: int = 8
     epochs: float = 1.0
@@ -194,17 +195,18 @@ def distinct_prompts(rows) -> list:
     return [list(p) for p in dict.fromkeys(tuple(row[0]) for row in rows)]
 
 
-def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size, device, seed):
+def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size, device, seed, per_row=True):
     """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) - r(rejected).
-    "resample" (author's code): two SFT samples per training prompt at temperature 1, top-k 50, top-p
-    0.9, the higher-scored one chosen, so every gap is >= 0. "human": the dataset's own pairs; a
-    negative gap means the RM disagrees with the label, and |gap| decides the side all the same."""
+    "resample" (author's code): two SFT samples per training row (per distinct prompt unless `per_row`)
+    at temperature 1, top-k 50, top-p 0.9, the higher-scored one chosen, so every gap is >= 0. "human":
+    the dataset's own pairs; a negative gap means the RM disagrees with the label, and |gap| decides
+    the side all the same."""
     if source == "human":
         chosen, rejected = score_pairs(rm, pairs, batch_size, device)
         return pairs, chosen - rejected
     if source != "resample":
         raise ValueError(f"--split.source must be 'resample' or 'human', got {source!r}")
-    twice = [p for p in distinct_prompts(pairs) for _ in range(2)]
+    twice = [list(p) for p in ([row[0] for row in pairs] if per_row else distinct_prompts(pairs)) for _ in range(2)]
     responses = sample_responses(sft_model, twice, eos_id, max_new_tokens, batch_size, device, seed, 1.0, 50, 0.9)
     scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size, device))
     rows, gaps = [], []
@@ -215,12 +217,13 @@ def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size,
     return rows, torch.tensor(gaps)
 
 
-def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device):
-    """make_pairs once per run and source: out/pairs_<source>.pt (resampling is the costly part)."""
-    cache = out / f"pairs_{source}.pt"
+def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device, per_row=True):
+    """make_pairs once per run and source: out/pairs_<source>[_per_row].pt (resampling is the costly part)."""
+    cache = out / f"pairs_{source}{'_per_row' if per_row and source == 'resample' else ''}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    made = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device, run.seed)
+    made = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device, run.seed,
+                      per_row)
     atomic_save(made, cache)
     return made
 
@@ -341,6 +344,7 @@ class SplitConfig:
     quantile: float = 0.0      # > 0: delta = this quantile of |gap| instead (an RM of unknown scale)
     stage2_ref: str = "dpo"    # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
     order: str = "easy_first"  # "easy_first": DPO on easy, PPO on hard (MPO); "hard_first": the reverse (ablation)
+    pairs_per_row: bool = True  # resample: a pair per training row (author; TL;DR repeats posts), else per prompt
     batch_size: int = 32       # sampling and scoring batch
 
 
@@ -466,8 +470,9 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
         ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after)
-    pairs_of = lambda source: cached_pairs(out, source, sft_model, rm, pairs, tok, run, split.batch_size, device)  # noqa: E731
-    rows, gaps = pairs_of(split.source)
+    pairs_of = lambda s: cached_pairs(out, s.source, sft_model, rm, pairs, tok, run, split.batch_size, device,  # noqa: E731
+                                      s.pairs_per_row)
+    rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if run.stop_after == "split":
         raise StopAfter("split")
@@ -488,7 +493,7 @@ def run_pipeline(cfgs: dict) -> Path:
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
         folder = out / "variants" / text.replace("=", "-").replace(",", "_")
-        v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v.source), v, folder, tok)
+        v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v), v, folder, tok)
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
                                             task.gold_reward)
 
@@ -508,12 +513,18 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
         "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", eval_every=100,
                    log_every=10),
-        "split": dict(quantile=0.5),  # this RM's gaps are small (most |gap| < 1): split at the median instead
-        "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
-        "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
-                    critic_lr=3e-4, kl_coef=0.05, eval_every=5),
+        # this RM's gaps are small (most |gap| < 1): split at the median instead; the demo's 12,000 pairs
+        # share 498 prompts: a resampled pair per prompt, not per row
+        "split": dict(quantile=0.5, pairs_per_row=False),
+        "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, warmup_steps=0, eval_every=0,
+                    log_every=10),
+        "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4, critic_lr=3e-4,
+                    kl_coef=0.05, warmup_steps=0, decay="constant", whiten_advantages=True, eval_every=5,
+                    eval_prompts=0),
         "eval": dict(prompts=150, samples=8)}
 
+# The author's values that differ by dataset (the config dataclasses hold the HH-RLHF ones).
+DATASET_DEFAULTS = {"tldr": {"split": dict(delta=2.0)}}
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
 CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
@@ -521,7 +532,7 @@ CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author"
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
-           **{f"{group}.decay": ("cosine", "linear") for group in ("sft", "rm", "dpo")}}
+           **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
 METHODS = ("dpo_all", "ppo_all", "mpo")
 
 
@@ -572,7 +583,8 @@ def parse_args(argv=None) -> dict:
         if value is not None:
             group, name = key.split(".", 1)
             given.setdefault(group, {})[name] = value
-    demo = given.get("run", {}).get("dataset", RunConfig.dataset) == "demo"
+    dataset = given.get("run", {}).get("dataset", RunConfig.dataset)
+    demo = dataset == "demo"
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
@@ -587,7 +599,8 @@ def parse_args(argv=None) -> dict:
     cfgs = {"run": run}
     for group, cls in list(CONFIGS.items())[1:]:
         inherited = {k: v for k, v in shared.items() if k in {f.name for f in fields(cls)}}
-        cfgs[group] = cls(**{**inherited, **(DEMO.get(group, {}) if demo else {}), **given.get(group, {})})
+        preset = DEMO.get(group, {}) if demo else DATASET_DEFAULTS.get(dataset, {}).get(group, {})
+        cfgs[group] = cls(**{**inherited, **preset, **given.get(group, {})})
     cfgs["split"] = with_split(cfgs["split"], given.get("split", {}))
     return cfgs
 

@@ -26,10 +26,11 @@ and the author's DeepSpeed-Chat based code; the code cites them as "detail N":
     the policy finds less likely than the reference earns no bonus. Optional adaptive coefficient.
 10. The critic is a separate network initialised from the RM; values after the last token are 0.
 11. GAE with gamma 1, lambda 0.95 over the response tokens; returns = advantages + values.
-12. Advantages whitened with masked statistics of the whole batch (all ranks); reward whitening optional (off).
+12. Optional whitening (off, as the author) of the advantages, with masked statistics of the whole batch
+    (all ranks), and of the rewards.
 13. Clipped surrogate (0.2) and clipped value loss (0.2, x 0.5 x vf_coef); masked token means.
 14. Epochs over minibatches reshuffled each epoch, micro-batches with gradient accumulation.
-15. AdamW eps 1e-5, separate actor and critic learning rates, optional linear decay, grad clipping.
+15. AdamW eps 1e-5, separate actor and critic learning rates, warm-up then cosine decay, grad clipping.
 16. Reference log-probs, old log-probs and old values computed once per rollout, under no_grad.
 
 Run it through the pipeline (`python mpo.py`, see train.sh); as a function:
@@ -51,7 +52,7 @@ import torch
 from data import collate_prompts
 from dpo import token_logps
 from model import response_mask
-from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_weights,
+from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_weights, lr_at,
                    mean_over_ranks, pick_device, rank, shard, sum_over_ranks, world_size)
 
 
@@ -76,7 +77,7 @@ class PPOConfig:
     # GAE
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool = False   # author: off (N+, TRL: on)
     # update
     ppo_epochs: int = 1               # epochs over each rollout batch (N+: 4)
     num_minibatches: int = 1          # optimizer steps per epoch
@@ -89,13 +90,15 @@ class PPOConfig:
     critic_lr: float = 5e-6
     adam_eps: float = 1e-5            # N+ detail: PyTorch's eps 1e-8 makes the first steps too large
     weight_decay: float = 0.0
-    lr_decay: bool = False            # linear decay to 0 over the stage
+    warmup_steps: int = 100           # linear warm-up of both learning rates, in iterations (author)
+    decay: str = "cosine"             # then "cosine" (author), "linear" or "constant"
     grad_clip: float = 1.0
     # bookkeeping
     seed: int = 0
     device: str = "auto"
     log_every: int = 1                # iterations between log lines
-    eval_every: int = 10              # iterations between evaluations on eval_prompts (also first and last)
+    eval_every: int = 50              # iterations between evaluations on eval_prompts (also first and last)
+    eval_prompts: int = 128           # of the held-out prompts, the first (stratified) this many; 0 = all
     ckpt_every: int = 50              # iterations between resumable checkpoints (always one at the end)
     num_samples: int = 2              # completions per log line written to samples.jsonl
 
@@ -331,6 +334,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     if cfg.temperature <= 0:
         raise ValueError(f"ppo: temperature must be > 0 (PPO needs a sampling policy), got {cfg.temperature}")
     device = pick_device(cfg.device)
+    eval_prompts = eval_prompts and eval_prompts[:cfg.eval_prompts or None]  # a small fraction of the cost
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path, samples_path = (out_dir / f"{stage}_ckpt.pt", out_dir / "metrics.jsonl",
@@ -391,10 +395,9 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         # Under torchrun each rank samples its share (a rank left with none, at the tail of a pass, takes
         # the first prompt: every rank must join each gradient all-reduce).
         prompt_ids = batch[rank()::world_size()] or batch[:1]
-        if cfg.lr_decay:
-            for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):
-                for group in opt.param_groups:
-                    group["lr"] = lr * (1 - it / total)
+        for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(it, cfg, total, lr)
         ro, P, rewards, stats = iteration(policy, ref, reward_model, critic, opt_pi, opt_v, prompt_ids,
                                           tok.eot_token, kl_coef, cfg, it)
         mask = ro["mask"].float()

@@ -43,7 +43,7 @@ class TrainConfig:
     epochs: float = 1.0       # passes over the training rows, used when max_steps is 0
     max_steps: int = 0        # optimizer steps; 0 = derive from epochs
     warmup_steps: int = 0     # linear warm-up to lr over this many steps
-    decay: str = "cosine"     # "cosine" or "linear" decay to 0 after the warm-up
+    decay: str = "cosine"     # "cosine" or "linear" decay to 0 after the warm-up, or "constant"
     weight_decay: float = 0.0  # AdamW decoupled weight decay, on >= 2-D parameters only
     grad_clip: float = 1.0    # clip the global gradient norm to this
     eval_every: int = 100     # steps between evaluations (also at step 0 and at the end); 0 = end only
@@ -175,16 +175,20 @@ def atomic_save(obj, path):
         atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine or linear decay to 0."""
+def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up over cfg.warmup_steps, then
+    cfg.decay ("cosine" or "linear" to 0, or "constant") from the peak `lr` (default cfg.lr)."""
+    lr = cfg.lr if lr is None else lr
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     if cfg.decay == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.decay == "linear":
-        return cfg.lr * (1.0 - progress)
-    raise ValueError(f"decay must be 'cosine' or 'linear', got {cfg.decay!r}")
+        return lr * (1.0 - progress)
+    if cfg.decay == "constant":
+        return lr
+    raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {cfg.decay!r}")
 
 
 def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:

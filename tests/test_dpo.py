@@ -85,7 +85,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_training(tmp_path):
     pairs, sft = random_pairs(16), tiny_gpt()
     runs = []
     for precompute in (True, False):
-        cfg = DPOConfig(lr=1e-3, batch_size=4, grad_accum=2, max_steps=3, log_every=1, eval_every=0,
+        cfg = DPOConfig(lr=1e-3, batch_size=4, grad_accum=2, max_steps=3, warmup_steps=0, log_every=1, eval_every=0,
                         precompute_ref=precompute, device="cpu")
         policy, metrics = dpo(copy.deepcopy(sft), copy.deepcopy(sft), pairs, cfg, tmp_path / str(precompute), pairs[:8])
         losses = [line["loss"] for line in map(json.loads, open(tmp_path / str(precompute) / "metrics.jsonl"))]

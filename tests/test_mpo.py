@@ -111,3 +111,20 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
         assert sum(p["win_rate"] * p["prompts"] for p in parts.values()) / 6 == pytest.approx(r["win_rate"])
     assert all(p["win_rate"] == 0.5 for p in results["sft"]["subsets"].values())  # ties with itself
     assert "subsets" not in evaluate(models, rm, prompts, None, tok, RunConfig(max_response_len=6), cfg, "cpu")[0]["sft"]
+
+
+def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
+    from mpo import make_pairs
+    from model import GPT, GPTConfig, ScalarModel
+    hh, tldr = parse_args(["--dataset", "hh-rlhf"]), parse_args(["--dataset", "tldr"])
+    assert hh["split"].delta == 1.0 and tldr["split"].delta == 2.0  # author: 1 on HH-RLHF, 2 on TL;DR
+    assert (hh["sft"].lr, hh["sft"].warmup_steps, hh["rm"].lr, hh["dpo"].warmup_steps) == (5e-5, 500, 5e-6, 100)
+    assert (hh["ppo"].warmup_steps, hh["ppo"].decay, hh["ppo"].whiten_advantages) == (100, "cosine", False)
+    assert hh["run"].max_prompt_len == 512 and hh["split"].pairs_per_row and not parse_args([])["split"].pairs_per_row
+    torch.manual_seed(0)
+    tok = get_tokenizer("byte")
+    config = GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)
+    rows = [([1, 2], [3, 256], [4, 256]), ([5], [6, 256], [7, 256]), ([1, 2], [8, 256], [9, 256])]  # a repeated prompt
+    for per_row, prompts in ((True, [[1, 2], [5], [1, 2]]), (False, [[1, 2], [5]])):
+        made, gaps = make_pairs("resample", GPT(config), ScalarModel(config), rows, 256, 4, 8, "cpu", 0, per_row)
+        assert [p for p, _, _ in made] == prompts and (gaps >= 0).all() and len(gaps) == len(prompts)

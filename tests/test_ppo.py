@@ -177,7 +177,8 @@ def test_ppo_raises_demo_gold_reward_at_bounded_kl(tmp_path):
     ref, gold_rm, critic = copy.deepcopy(policy), GoldRewardModel(tok, task.gold_reward), ScalarModel.from_gpt(policy)
     # Small models learn at much larger learning rates than GPT-2; one pass over the 497 train prompts.
     cfg = PPOConfig(max_new_tokens=40, prompts_per_step=32, ppo_epochs=4, num_minibatches=2,
-                    micro_batch_size=64, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1, eval_every=0, device="cpu")
+                    micro_batch_size=64, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1, warmup_steps=0, decay="constant",
+                    whiten_advantages=True, eval_every=0, device="cpu")
     prompts = encode_dataset(tok, sorted({p.prompt for p in task.pairs_train}), 32, 40)
     policy, metrics = ppo(policy, ref, gold_rm, critic, prompts, tok, cfg, tmp_path / "ppo",
                           eval_prompts=encode_dataset(tok, task.prompts_eval[:64], 32, 40), gold_reward=task.gold_reward)
