@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs
-from train import TrainConfig, autocast, pick_device, shard, to_device, train, unshard
+from train import TrainConfig, autocast, pick_device, progress, shard, to_device, train, unshard
 
 
 @dataclass
@@ -96,12 +96,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 @torch.no_grad()
-def with_ref_logps(ref, pairs, batch_size, device):
+def with_ref_logps(ref, pairs, batch_size, device, name="dpo"):
     """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once, so
     training needs no reference forward (TRL's precompute_ref_log_probs). Under torchrun each rank
     computes a shard and every rank gets them all."""
     out, mine = [], shard(pairs)
-    for i in range(0, len(mine), batch_size):
+    for i in progress(range(0, len(mine), batch_size), f"{name}: reference log-probs"):
         chunk = mine[i:i + batch_size]
         with autocast(device):
             logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
@@ -135,21 +135,22 @@ def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
         "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
 
 
-def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None):
-    """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics)."""
+def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo"):
+    """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics). `stage` names the
+    checkpoint, the log lines and the progress (dpo_all, mpo_dpo)."""
     if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
         raise ValueError("dpo: ref is the policy itself; pass a frozen copy, e.g. copy.deepcopy(sft_model)")
     device = pick_device(cfg.device)
     ref.to(device).eval().requires_grad_(False)
     collate = collate_pairs
     if cfg.precompute_ref:
-        print(f"dpo: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
-        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device)
-        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device)
+        print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
+        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device, stage)
+        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device, stage)
         collate = collate_with_ref
 
     def loss_fn(model, batch):
         return dpo_step_loss(model, ref, batch, cfg)
 
-    metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, "dpo", collate, key_metric="rewards/accuracies")
+    metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, stage, collate, key_metric="rewards/accuracies")
     return policy, metrics

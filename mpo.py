@@ -34,8 +34,8 @@ from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
 from report import write_report
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
-                   load_weights, memory_estimate, pick_device, rank, set_dtype, setup_distributed, shard, to_device,
-                   train, unshard)
+                   load_weights, memory_estimate, pick_device, progress, rank, set_dtype, setup_distributed, shard,
+                   to_device, train, unshard)
 
 
 @dataclass
@@ -120,20 +120,21 @@ def accuracy_by_gap(gaps, by=None) -> dict:
 
 
 @torch.no_grad()
-def batch_outputs(fn, model, rows, collate, batch_size, device) -> list:
+def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") -> list:
     """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch. Under
-    torchrun each rank takes a shard of the rows and every rank gets all the outputs, in order."""
+    torchrun each rank takes a shard of the rows and every rank gets all the outputs, in order. `name`
+    labels the progress lines of a long pass."""
     model.to(device).eval()
     outputs, mine = [], shard(rows)
-    for i in range(0, len(mine), batch_size):
+    for i in progress(range(0, len(mine), batch_size), name):
         with autocast(device):
             outputs.append(fn(model, to_device(collate(mine[i:i + batch_size]), device)).float().cpu())
     return unshard(outputs)
 
 
-def batch_scores(rm, rows, collate, batch_size, device) -> list:
+def batch_scores(rm, rows, collate, batch_size, device, name="rm scores") -> list:
     """RM scores of encoded rows, one tensor per batch (for pairs: the chosen rows, then the rejected)."""
-    return batch_outputs(last_token_scores, rm, rows, collate, batch_size, device)
+    return batch_outputs(last_token_scores, rm, rows, collate, batch_size, device, name)
 
 
 def score_pairs(rm, pairs, batch_size, device):
@@ -166,13 +167,13 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
 
 @torch.no_grad()
 def sample_responses(model, prompts, eos_id, max_new_tokens, batch_size, device, seed=0, temperature=1.0,
-                     top_k=None, top_p=None) -> list:
+                     top_k=None, top_p=None, name="sampling") -> list:
     """One sampled response (token ids, EOS included when reached) per encoded prompt. Under torchrun
     each rank samples for a shard of the prompts (its own seed) and every rank gets all the responses."""
     model.to(device).eval()
     g = torch.Generator(device).manual_seed(seed + rank() * 100003)
     out, mine = [], shard(prompts)
-    for i in range(0, len(mine), batch_size):
+    for i in progress(range(0, len(mine), batch_size), name):
         batch = to_device(collate_prompts(mine[i:i + batch_size]), device)
         T = batch["tokens"].size(1)
         with autocast(device):
@@ -207,8 +208,10 @@ def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size,
     if source != "resample":
         raise ValueError(f"--split.source must be 'resample' or 'human', got {source!r}")
     twice = [list(p) for p in ([row[0] for row in pairs] if per_row else distinct_prompts(pairs)) for _ in range(2)]
-    responses = sample_responses(sft_model, twice, eos_id, max_new_tokens, batch_size, device, seed, 1.0, 50, 0.9)
-    scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size, device))
+    responses = sample_responses(sft_model, twice, eos_id, max_new_tokens, batch_size, device, seed, 1.0, 50, 0.9,
+                                 "resample: SFT samples")
+    scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size, device,
+                                    "resample: RM scores"))
     rows, gaps = [], []
     for i in range(0, len(twice), 2):
         first = bool(scores[i] >= scores[i + 1])
@@ -266,7 +269,7 @@ class EvalConfig:
 
 def logps_of(model, rows, batch_size, device):
     """Summed response log-probs (N,) of encoded (prompt, response) rows under `model`."""
-    return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device))
+    return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device, "log-probs"))
 
 
 def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, device, subsets=None) -> tuple:
@@ -281,9 +284,9 @@ def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, 
     results, samples, scores = {}, {}, {}
     for name, model in models.items():
         responses = sample_responses(model, prompts, tok.eot_token, run.max_response_len, cfg.batch_size, device,
-                                     run.seed, cfg.temperature)
+                                     run.seed, cfg.temperature, name=f"evaluate {name}: sampling")
         rows = list(zip(prompts, responses))
-        scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device))
+        scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device, f"evaluate {name}: RM"))
         kl = logps_of(model, rows, cfg.batch_size, device) - logps_of(models["sft"], rows, cfg.batch_size, device)
         texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
         results[name] = {}
@@ -404,12 +407,13 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
     new, stop = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after
     policy = sft_model
     if easy:
-        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d), stop)
+        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d,
+                                                             stage="mpo_dpo"), stop)
     if not hard:
         return policy
     ref = policy if split.stage2_ref == "dpo" else sft_model
     return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
-                                                cfgs["ppo"], d, prompts_eval, gold), stop)[0]
+                                                cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop)[0]
 
 
 def check_same_model(out: Path, base):
@@ -481,12 +485,12 @@ def run_pipeline(cfgs: dict) -> Path:
     models, methods = {"sft": sft_model}, run.methods.split(",")
     if "dpo_all" in methods:
         models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d), run.stop_after)[0]
+            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d, stage="dpo_all"), run.stop_after)[0]
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
             trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
-            prompts_eval, task.gold_reward), run.stop_after)[0]
+            prompts_eval, task.gold_reward, "ppo_all"), run.stop_after)[0]
     if "mpo" in methods:
         models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
     variants = {}

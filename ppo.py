@@ -39,7 +39,6 @@ Run it through the pipeline (`python mpo.py`, see train.sh); as a function:
 
 Tests: python -m pytest -q tests/test_ppo.py
 """
-import datetime
 import json
 import math
 import time
@@ -53,7 +52,7 @@ from data import collate_prompts
 from dpo import token_logps
 from model import response_mask
 from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_weights, lr_at,
-                   mean_over_ranks, pick_device, rank, shard, sum_over_ranks, world_size)
+                   mean_over_ranks, pick_device, progress, rank, rate_eta, shard, sum_over_ranks, timestamp, world_size)
 
 
 @dataclass
@@ -293,7 +292,7 @@ def adaptive_kl_coef(kl_coef, kl, n, cfg):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, reward_model, critic, prompt_ids, tok, cfg, gold_reward=None):
+def evaluate(policy, ref, reward_model, critic, prompt_ids, tok, cfg, gold_reward=None, name="ppo eval"):
     """One sampled response per prompt, always with the same random draws (a fixed seed), so that
     evaluations along the stage differ only by the policy: mean RM score, KL to the reference (nats
     per response), length, share ending with EOS, and the gold reward when the task has one. Under
@@ -301,7 +300,7 @@ def evaluate(policy, ref, reward_model, critic, prompt_ids, tok, cfg, gold_rewar
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank() * 100003)
     sums, step, mine = defaultdict(float), cfg.prompts_per_step * cfg.samples_per_prompt, shard(prompt_ids)
-    for i in range(0, len(mine), step):
+    for i in progress(range(0, len(mine), step), name):
         samples = sample(policy, mine[i:i + step], tok.eot_token, cfg, generator)
         ro, P = score_samples(policy, ref, reward_model, critic, *samples, tok.eot_token, cfg)
         sums["score"] += float(ro["raw_scores"].sum())
@@ -374,13 +373,13 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
         if is_main():
             with open(log_path, "a") as f:
-                f.write(json.dumps({"stage": stage, "step": it, "split": split, **metrics}) + "\n")
+                f.write(json.dumps({"stage": stage, "step": it, "split": split, "time": timestamp(), **metrics}) + "\n")
             with open(samples_path, "a") as f:
                 f.writelines(json.dumps({"stage": stage, "step": it, **s}) + "\n" for s in samples)
         print(line, flush=True)
 
     def run_eval():
-        m = evaluate(policy, ref, reward_model, critic, eval_prompts, tok, cfg, gold_reward)
+        m = evaluate(policy, ref, reward_model, critic, eval_prompts, tok, cfg, gold_reward, f"{stage} eval")
         log("eval", m, f"{stage} eval iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
     if it == 0 and eval_prompts:
@@ -423,10 +422,9 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         if it % cfg.log_every == 0 or it == total:
             samples = [{"prompt": p, "response": r, "score": float(s)}
                        for (p, r), s in zip(pairs[:cfg.num_samples], ro["raw_scores"])]
-            rate = (it - start_it) / (time.time() - start_time)
-            eta = datetime.timedelta(seconds=round((total - it) / rate))
+            speed = rate_eta(it - start_it, total - start_it, time.time() - start_time)
             gold = f" | gold {stats['gold']:.3f}" if gold_reward else ""
-            log("train", stats, f"{stage} {it}/{total} | {rate:.2f} it/s | ETA {eta} | score {stats['score']:.3f}{gold}"
+            log("train", stats, f"{stage} {it}/{total} | {speed} | score {stats['score']:.3f}{gold}"
                 f" | kl {kl:.3f} | len {stats['response_len']:.1f} | eos {stats['eos_frac']:.2f} | clipfrac "
                 f"{stats['clipfrac']:.3f} | rollout {stats['rollout_s']:.2f}s update {stats['update_s']:.2f}s", samples)
         if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):

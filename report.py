@@ -43,7 +43,6 @@ def plot_gaps(path, gaps, delta, rm_by_gap):
 
 def plot_curves(path, out: Path):
     """One panel per stage folder: its key metric (train and held-out) against the step."""
-    key = {"sft": "loss", "rm": "accuracy", "dpo": "rewards/margins", "ppo": "gold"}
     logs = sorted(out.rglob("metrics.jsonl"))
     cols = min(len(logs), 4)
     rows = -(-len(logs) // cols)
@@ -52,8 +51,8 @@ def plot_curves(path, out: Path):
         ax.axis("off")
     for ax, log in zip(axes.flat, logs):
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        k = key[records[0]["stage"]] if records else ""
-        k = k if any(k in r for r in records) else "score"  # PPO without a gold reward: the RM score
+        # the stage's key metric: DPO's margins, the RM's accuracy, PPO's gold (else its RM score), SFT's loss
+        k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss") if any(k in r for r in records)), "loss")
         for split in ("train", "eval"):
             points = [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
             if points:

@@ -175,6 +175,31 @@ def atomic_save(obj, path):
         atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
 
 
+def rate_eta(done: int, total: int, seconds: float) -> str:
+    """"3.21 it/s | ETA 0:01:05": the rate so far and the time left at that rate; "s/it" when an
+    iteration takes more than a second (a GPT-2 step on a CPU), so that the rate never reads 0.00."""
+    rate = done / max(seconds, 1e-9)
+    speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/it"
+    return f"{speed} | ETA {datetime.timedelta(seconds=round((total - done) / max(rate, 1e-9)))}"
+
+
+def progress(items, name: str, every: float = 10.0):
+    """Yield the items of a sequence; a phase that takes more than `every` seconds prints
+    `name i/n | rate | ETA` every `every` seconds and once at its end: no long phase is silent."""
+    start = last = time.time()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.time()
+        if now - last >= every or (i == len(items) and now - start >= every):
+            last = now
+            print(f"{name} {i}/{len(items)} | {rate_eta(i, len(items), now - start)}", flush=True)
+
+
+def timestamp() -> str:
+    """The time of a metrics.jsonl line, UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up over cfg.warmup_steps, then
     cfg.decay ("cosine" or "linear" to 0, or "constant") from the peak `lr` (default cfg.lr)."""
@@ -344,7 +369,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
         if is_main():
             with open(log_path, "a") as f:
-                f.write(json.dumps({"stage": stage, "step": step, "split": split, **metrics}) + "\n")
+                f.write(json.dumps({"stage": stage, "step": step, "split": split, "time": timestamp(), **metrics}) + "\n")
         # On a terminal one line is rewritten in place (\r, then clear to the end of the line).
         print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
 
@@ -386,11 +411,10 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         step += 1
         if step % cfg.log_every == 0 or step == total:
             metrics = mean_over_ranks(metrics)
-            rate = (step - start_step) / (time.time() - start_time)
-            eta = datetime.timedelta(seconds=round((total - step) / rate))
             shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
             log("train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)},
-                f"{stage} {step}/{total} | {rate:.2f} it/s | ETA {eta} | loss {metrics['loss']:.4f}{shown}")
+                f"{stage} {step}/{total} | {rate_eta(step - start_step, total - start_step, time.time() - start_time)} "
+                f"| loss {metrics['loss']:.4f}{shown}")
         if eval_data and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
             run_eval()
         if step % cfg.ckpt_every == 0 and step < total:

@@ -1,5 +1,6 @@
 """The shared training loop: schedule, accumulation, resume after a crash, NaN stop.
 python -m pytest -q tests/test_train.py"""
+import datetime
 import json
 import math
 from pathlib import Path
@@ -39,7 +40,11 @@ def cfg(**kw):
 
 
 def lines(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records without their time stamps (each checked to be an ISO time first)."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        datetime.datetime.fromisoformat(r.pop("time"))
+    return records
 
 
 def test_warmup_then_cosine_or_linear_decay():
@@ -143,3 +148,12 @@ def test_dtype_flag_turns_cpu_autocast_on_and_off():
         set_dtype("auto")
     with autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_progress_rate_reads_for_slow_steps_and_long_phases_print(capsys):
+    from train import progress, rate_eta
+    assert rate_eta(3, 10, 1.5) == "2.00 it/s | ETA 0:00:04"
+    assert rate_eta(2, 10, 50.0) == "25.0 s/it | ETA 0:03:20"  # never "0.04 it/s"
+    assert list(progress(range(3), "phase", every=0.0)) == [0, 1, 2]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("phase 3/3 | ")
+    assert list(progress(range(3), "quick", every=60.0)) == [0, 1, 2] and capsys.readouterr().out == ""
