@@ -18,7 +18,8 @@ every token they run on and the vocab x C LM head only on the positions where it
 prompt positions); embedding lookups and attention scores (4 T C per layer per token, under 10% at
 these sizes) are not counted. Each benchmark runs --warmup untimed iterations, then reports the median
 of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA; on CPU it is the process's
-peak resident memory (VmHWM, reset before each benchmark). Training steps also print est_mem_mb,
+peak resident memory (VmHWM, reset before each benchmark), of which runtime_mem_mb (the resident size
+before any model was built: the torch runtime) is not the step's. Training steps also print est_mem_mb,
 train.memory_estimate's figure for the step, which mpo.py prints at start.
 """
 import argparse
@@ -51,11 +52,12 @@ def reset_peak_memory(device):
             f.write("5")
 
 
-def peak_memory_mb(device):
+def peak_memory_mb(device, field="VmHWM"):
+    """Peak GPU memory allocated; on CPU the process's peak (VmHWM) or present (VmRSS) resident size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
 def timed(fn, device, warmup, iters):
@@ -112,6 +114,8 @@ def main():
 
 def run_benchmarks(args, device, dtype):
     torch.manual_seed(0)
+    # on CPU the resident size before any model: the torch runtime, which no estimate counts
+    runtime_mb = 0 if device.type == "cuda" else round(peak_memory_mb(device, "VmRSS"))
     B, P, R = args.batch, args.prompt_len, args.response_len
     config = GPTConfig(block_size=max(1024, P + R), vocab_size=args.vocab, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, grad_checkpoint=args.grad_checkpoint)
@@ -119,7 +123,7 @@ def run_benchmarks(args, device, dtype):
     n_body = sum(p.numel() for p in policy.transformer.h.parameters())
     n_head = args.vocab * args.n_embd
     peak = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    common = {"device": str(device), "dtype": dtype}
+    common = {"device": str(device), "dtype": dtype, **({"runtime_mem_mb": runtime_mb} if runtime_mb else {})}
     print(json.dumps({"name": "matmul_peak", "gflops": round(peak, 1), **common,
                       "threads": torch.get_num_threads()}), flush=True)
 
@@ -207,7 +211,9 @@ def run_benchmarks(args, device, dtype):
         body, gen_flops = n_body * (P + r - 1), 2 * B * (n_body * (P + r - 1) + n_head * r)
         score_flops = 2 * B * (2 * (body + n_head * r) + body + n_body * (P + r))
         update_flops = 6 * B * args.ppo_epochs * (2 * body + n_head * r)
+        estimate = memory_estimate(config, B, P + R, R, trained=2, frozen=2, bf16=dtype == "bf16")
         report("ppo_iteration", seconds, mem, B * r, gen_flops + score_flops + update_flops, s_per_iter=round(seconds, 3),
+               est_mem_mb=round(estimate["total"] / 2**20),
                prompts=B, prompt_len=P, new_tokens=r, ppo_epochs=args.ppo_epochs, minibatches=1,
                generate_s=round(generate_s, 3), score_s=round(score_s, 3), update_s=round(update_s, 3))
 

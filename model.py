@@ -36,6 +36,7 @@ HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 HEAD_CHUNK = 1024  # vocabulary rows per LM-head chunk while decoding (GPT.decode_logits)
+EOS_CHECK_EVERY = 16  # decoding steps between the host's looks at "every row has ended" on a GPU
 
 
 def keep_freed_memory():
@@ -239,6 +240,9 @@ class GPT(nn.Module):
                 key_mask[:, :T] = attention_mask.bool()
             cache = KVCache(self.config.n_layer, T + max_new_tokens)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            # "all rows done?" copies a flag to the host; on a GPU that stalls the queue of kernels, so it
+            # is asked every EOS_CHECK_EVERY steps (the extra steps only write pads); on a CPU it is free
+            check_every = 1 if idx.device.type == "cpu" else EOS_CHECK_EVERY
             # Prefill the prompts once; with left padding the last column is every row's last real token.
             h = self.body(idx, None if key_mask is None else key_mask[:, :T], cache=cache)[:, -1]
             for i in range(max_new_tokens):
@@ -247,7 +251,7 @@ class GPT(nn.Module):
                     token = token.masked_fill(done, pad_id)
                     done |= token == eos_id
                 out[:, T + i] = token
-                if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                if i == max_new_tokens - 1 or (eos_id is not None and i % check_every == 0 and bool(done.all())):
                     break
                 # positions continue from each row's real length: cumsum(mask) - 1, or T + i unpadded
                 mask = None if key_mask is None else key_mask[:, :T + i + 1]

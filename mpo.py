@@ -34,8 +34,8 @@ from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
 from report import write_report
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
-                   load_weights, memory_estimate, pick_device, progress, rank, set_dtype, setup_distributed, shard,
-                   to_device, train, unshard)
+                   load_weights, memory_estimate, pick_device, progress, rank, sampling_batch, set_dtype,
+                   setup_distributed, shard, to_device, train, unshard)
 
 
 @dataclass
@@ -49,12 +49,10 @@ class SFTConfig(TrainConfig):
 
 
 def sft_loss(model, batch):
-    """Mean next-token cross-entropy over response tokens + EOS; prompt and pad positions are masked."""
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    start = max(int(batch["prompt_lens"].min()) - 1, 0)  # no LM head on positions that predict prompt
-    logits = model(tokens[:, :-1], logits_from=start)  # the last position predicts nothing: no forward on it
-    targets = tokens[:, start + 1:].masked_fill(~mask[:, start + 1:], -100)  # -100: ignored
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100), {}
+    """Mean next-token cross-entropy over response tokens + EOS; prompt and pad positions are masked.
+    The summed log-probs come from dpo.response_logps (the LM head only on response positions, no
+    forward on the last one), whose log-prob kernel keeps fewer logits-sized buffers than F.cross_entropy."""
+    return -response_logps(model, batch).sum() / batch["loss_mask"].sum(), {}
 
 
 def sft(model, examples, cfg: SFTConfig, out_dir, eval_examples=None):
@@ -262,7 +260,7 @@ class EvalConfig:
     prompts: int = 500        # held-out prompts (paper: RM score of one sampled response per test prompt)
     samples: int = 1          # responses per prompt: more of them shrink the standard errors
     temperature: float = 1.0  # 1.0 makes the KL estimate below unbiased
-    batch_size: int = 32
+    batch_size: int = 0       # sampling and scoring batch; 0 = 32 on a CPU, sized from free memory on a GPU
     tie: float = 0.0          # |RM score difference| <= tie counts as a tie
     show: int = 3             # sample responses per model in the report
 
@@ -348,7 +346,7 @@ class SplitConfig:
     stage2_ref: str = "dpo"    # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
     order: str = "easy_first"  # "easy_first": DPO on easy, PPO on hard (MPO); "hard_first": the reverse (ablation)
     pairs_per_row: bool = True  # resample: a pair per training row (author; TL;DR repeats posts), else per prompt
-    batch_size: int = 32       # sampling and scoring batch
+    batch_size: int = 0        # sampling and scoring batch; 0 = 32 on a CPU, sized from free memory on a GPU
 
 
 def trainable_copy(model):
@@ -426,14 +424,16 @@ def check_same_model(out: Path, base):
 
 
 def print_memory_estimate(config, cfgs, device):
-    """One line at start: the estimated peak memory of each training stage (train.memory_estimate)."""
+    """One line at start: the estimated peak memory of each training stage (train.memory_estimate). SFT
+    and DPO run the LM head from the shortest prompt of a batch on: up to every position. DPO keeps its
+    reference and the RM (from scoring) on the device; PPO trains policy and critic beside the reference
+    and the RM, with the LM head on the response positions only."""
     R = cfgs["run"].max_response_len
     seq = cfgs["run"].max_prompt_len + R
-    bf16, dpo_cfg = AUTOCAST_DTYPE.get(device.type) == torch.bfloat16, cfgs["dpo"]
-    sizes = {"sft": memory_estimate(config, cfgs["sft"].batch_size, seq, R, bf16=bf16),
+    bf16 = AUTOCAST_DTYPE.get(device.type) == torch.bfloat16
+    sizes = {"sft": memory_estimate(config, cfgs["sft"].batch_size, seq, seq - 1, bf16=bf16),
              "rm": memory_estimate(config, 2 * cfgs["rm"].batch_size, seq, 0, bf16=bf16),
-             "dpo": memory_estimate(config, 2 * dpo_cfg.batch_size, seq, R, frozen=int(not dpo_cfg.precompute_ref),
-                                    bf16=bf16),
+             "dpo": memory_estimate(config, 2 * cfgs["dpo"].batch_size, seq, seq - 1, frozen=2, bf16=bf16),
              "ppo": memory_estimate(config, cfgs["ppo"].micro_batch_size, seq, R, trained=2, frozen=2, bf16=bf16)}
     print(f"memory estimate ({device.type}, {'bf16' if bf16 else 'fp32'}"
           f"{', activation checkpointing' if config.grad_checkpoint else ''}): "
@@ -462,6 +462,9 @@ def run_pipeline(cfgs: dict) -> Path:
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
     base.config.grad_checkpoint = run.grad_checkpoint  # shared by every model built from base.config
+    rows = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
+    cfgs["split"] = split = replace(split, batch_size=split.batch_size or rows)
+    cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
     check_same_model(out, base)  # only now, with the data and the model checked, does anything under --out change

@@ -155,16 +155,29 @@ def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, 
     moments (16 bytes per parameter) of the `trained` models, fp32 weights of the `frozen` ones, the
     activations autograd keeps (about 34 bytes per token per unit of width per layer in 16-bit with flash
     attention, Korthikanti et al. 2022, table 2; twice that in fp32; with activation checkpointing only
-    each block's input plus one block being recomputed) and two fp32 buffers of logits (the log-softmax
-    and its gradient) on the `head_positions` of each row."""
+    each block's input plus one block being recomputed) and three fp32 buffers of logits (the logits, the
+    log-softmax or logsumexp pass, the gradient; measured on CPU for SFT, DPO and PPO with the system
+    allocator, MPO_MALLOPT=0) on the `head_positions` of each row."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     elem = 2 if bf16 else 4
     per_layer = 17 * elem * rows * seq_len * C  # 34 bytes in 16-bit = 17 elements per token per C
     kept = L * elem * rows * seq_len * C + per_layer if config.grad_checkpoint else L * per_layer
     parts = {"weights": (16 * trained + 4 * frozen) * params, "activations": kept,
-             "logits": 2 * 4 * rows * head_positions * V}
+             "logits": 3 * 4 * rows * head_positions * V}
     return {**parts, "total": sum(parts.values())}
+
+
+def sampling_batch(config, seq_len, device, cpu_rows=32, most=512) -> int:
+    """Rows per sampling / scoring batch (--split.batch_size 0, --eval.batch_size 0): cpu_rows on a CPU;
+    on a GPU as many as half its free memory holds, counting per row the KV cache of every layer in
+    16-bit and three fp32 rows of logits for each position (scoring a whole response), at most `most`:
+    a batch of 32 leaves an 80 GB card nearly idle."""
+    if torch.device(device).type != "cuda":
+        return cpu_rows
+    free, _ = torch.cuda.mem_get_info()
+    per_row = 2 * config.n_layer * seq_len * config.n_embd * 2 + 3 * seq_len * config.vocab_size * 4
+    return max(1, min(most, free // 2 // per_row))
 
 
 def atomic_save(obj, path):

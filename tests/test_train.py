@@ -127,7 +127,7 @@ def test_memory_estimate_counts_the_weights_exactly_and_shrinks_with_checkpointi
     n = sum(p.numel() for p in GPT(config).parameters())  # the tied LM head counted once
     full = memory_estimate(config, rows=4, seq_len=20, head_positions=10, trained=2, frozen=1)
     assert full["weights"] == (2 * 16 + 4) * n
-    assert full["logits"] == 2 * 4 * 4 * 10 * 300
+    assert full["logits"] == 3 * 4 * 4 * 10 * 300  # three fp32 (rows, positions, vocab) buffers
     assert full["total"] == full["weights"] + full["activations"] + full["logits"]
     assert memory_estimate(config, 4, 20, 10, bf16=True)["activations"] == full["activations"] // 2
     config.grad_checkpoint = True  # block inputs (1 element each) for 3 layers + one layer's 17: 20 of 51
