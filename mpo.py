@@ -16,6 +16,7 @@ Tests: python -m pytest -q tests/test_stages.py tests/test_robust.py tests/test_
 """
 import argparse
 import copy
+import datetime
 import inspect
 import json
 import math
@@ -35,7 +36,7 @@ from ppo import PPOConfig, ppo
 from report import write_report
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
                    load_weights, memory_estimate, pick_device, progress, rank, sampling_batch, set_dtype,
-                   setup_distributed, shard, to_device, train, unshard)
+                   setup_distributed, shard, time_probe, to_device, train, unshard)
 
 
 @dataclass
@@ -442,6 +443,48 @@ def print_memory_estimate(config, cfgs, device):
           "batch_size or add --grad_checkpoint if that is more than the device has)")
 
 
+def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
+    """The optimizer steps train.train takes on `rows` training rows."""
+    return cfg.max_steps or max(1, int(cfg.epochs * (rows // max(1, min(cfg.batch_size, rows)))) // cfg.grad_accum)
+
+
+def print_plan(cfgs, base, sft_rows, pairs, device):
+    """One line at start: each stage's work and a rough time, from a timed forward + backward of one SFT
+    micro-batch of full-length rows and timed decoding steps (train.time_probe) times the work, training
+    scaled by the rows' mean length. MPO's two stages are counted at half the data each, as on HH-RLHF
+    (45,600 easy pairs, 40,712 hard); sampling at the full response length (an upper bound)."""
+    run, split, ppo_cfg, ev = cfgs["run"], cfgs["split"], cfgs["ppo"], cfgs["eval"]
+    R, seq, bs = run.max_response_len, run.max_prompt_len + run.max_response_len, cfgs["sft"].batch_size
+    ppo_rows = ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt
+    t = time_probe(base, bs, seq, (split.batch_size, ppo_rows), device)
+    row = t["train_step"] / bs  # seconds of forward + backward per full-length row
+    n_sft, n_pairs, n_prompts = len(sft_rows), len(pairs), len(distinct_prompts(pairs))
+    n_split = n_pairs if split.source == "human" or split.pairs_per_row else n_prompts
+    length = {1: sum(len(p) + len(r) for p, r in sft_rows) / max(1, n_sft) / seq,  # mean row length / full
+              2: sum(len(p) + (len(c) + len(r)) / 2 for p, c, r in pairs) / max(1, n_pairs) / seq}
+
+    def trained(cfg, rows, width):  # optimizer steps x rows per step x width rows each (2 for a pair)
+        return optimizer_steps(cfg, rows) * cfg.batch_size * cfg.grad_accum * width * row * length[width]
+
+    def ppo_time(prompts):  # rollouts, then 4 scoring forwards (1/3 of a forward + backward each) and the update
+        iterations = ppo_cfg.passes * -(-prompts // ppo_cfg.prompts_per_step)
+        rollout = R * t[f"decode_step_{ppo_rows}"] + ppo_rows * row * length[2] * (4 / 3 + 2 * ppo_cfg.ppo_epochs)
+        return iterations, iterations * rollout * (1 + ev.prompts / ppo_rows / max(ppo_cfg.eval_every, 1))
+
+    sample = lambda n: -(-n // split.batch_size) * R * t[f"decode_step_{split.batch_size}"]  # noqa: E731
+    ppo_all, ppo_all_s = ppo_time(n_prompts)
+    plan = {f"sft {optimizer_steps(cfgs['sft'], n_sft):,} steps": trained(cfgs["sft"], n_sft, 1),
+            f"rm {optimizer_steps(cfgs['rm'], n_pairs):,} steps": trained(cfgs["rm"], n_pairs, 2),
+            f"pairs {2 * n_split:,} samples": sample(2 * n_split) if split.source == "resample" else 0.0,
+            f"dpo_all {optimizer_steps(cfgs['dpo'], n_split):,} steps": trained(cfgs["dpo"], n_split, 2) * 7 / 6,
+            f"ppo_all {ppo_all:,} iterations": ppo_all_s,
+            "mpo_dpo + mpo": trained(cfgs["dpo"], n_split // 2, 2) * 7 / 6 + ppo_time(n_prompts // 2)[1],
+            f"evaluation {ev.prompts * ev.samples:,} samples per model": 4 * sample(ev.prompts * ev.samples)}
+    fmt = lambda s: str(datetime.timedelta(seconds=round(s)))  # noqa: E731
+    print(f"plan (rough, {device.type}): " + " | ".join(f"{k} ~{fmt(v)}" for k, v in plan.items())
+          + f" | total ~{fmt(sum(plan.values()))}; every stage prints its own rate and ETA")
+
+
 def run_pipeline(cfgs: dict) -> Path:
     """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
     run, split = cfgs["run"], cfgs["split"]
@@ -467,6 +510,7 @@ def run_pipeline(cfgs: dict) -> Path:
     cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
+    print_plan(cfgs, base, sft_rows, pairs, device)
     check_same_model(out, base)  # only now, with the data and the model checked, does anything under --out change
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")

@@ -180,6 +180,42 @@ def sampling_batch(config, seq_len, device, cpu_rows=32, most=512) -> int:
     return max(1, min(most, free // 2 // per_row))
 
 
+def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device) -> dict:
+    """Seconds of one forward + backward of `rows` random sequences of seq_len tokens ("train_step"), and
+    of one decoding step for each number of rows in `sample_rows` (a 9-token generate after a seq_len / 2
+    prompt, less a 1-token one), each the second of two timed calls: what the plan at the start of a run
+    multiplies. The weights, their device, the mode and the global random state stay as they were."""
+    g = torch.Generator().manual_seed(0)
+    home, mode = next(model.parameters()).device, model.training
+    model.to(device).train()
+    ids = lambda n, t: torch.randint(model.config.vocab_size, (n, t), generator=g).to(device)  # noqa: E731
+
+    def timed(fn):
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def step():
+        with autocast(device):
+            model(ids(rows, seq_len)).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def decode_step(n):
+        prompts = ids(n, max(1, seq_len // 2))
+        with autocast(device):
+            one, nine = (timed(lambda k=k: model.generate(prompts, k, generator=torch.Generator(device))) for k in (1, 9))
+        return max(nine - one, 1e-9) / 8
+
+    times = {"train_step": timed(step), **{f"decode_step_{n}": decode_step(n) for n in sample_rows}}
+    model.to(home).train(mode)
+    return times
+
+
 def atomic_save(obj, path):
     """model.atomic_write of torch.save(obj), or of obj itself when it is bytes: a crash mid-write never
     leaves a torn file behind. Under torchrun only rank 0 writes: every rank holds the same weights and

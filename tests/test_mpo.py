@@ -87,6 +87,7 @@ def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory
         set_dtype("auto")
     log = capsys.readouterr().out
     assert "memory estimate (cpu, bf16, activation checkpointing): sft " in log and " ppo " in log
+    assert "plan (rough, cpu): sft 4 steps ~" in log and "| total ~" in log
     assert "| mpo |" in text
     assert all(v.dtype == torch.float32 for v in torch.load(tmp_path / "mpo" / "final.pt").values() if v.is_floating_point())
 

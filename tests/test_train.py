@@ -157,3 +157,21 @@ def test_progress_rate_reads_for_slow_steps_and_long_phases_print(capsys):
     assert list(progress(range(3), "phase", every=0.0)) == [0, 1, 2]
     assert capsys.readouterr().out.splitlines()[-1].startswith("phase 3/3 | ")
     assert list(progress(range(3), "quick", every=60.0)) == [0, 1, 2] and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("n,kw", [(64, {}), (50, {"epochs": 2.5, "batch_size": 6}), (3, {"batch_size": 8})])
+def test_the_plan_counts_the_steps_train_takes(tmp_path, n, kw):
+    from mpo import optimizer_steps
+    c = cfg(max_steps=0, eval_every=0, ckpt_every=1000, **kw)
+    train(toy(), mse, rows(n), None, c, tmp_path, "toy", collate)
+    assert max(line["step"] for line in lines(tmp_path)) == optimizer_steps(c, n)
+
+
+def test_time_probe_leaves_the_model_as_it_was():
+    from train import time_probe
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    times = time_probe(model, 2, 16, (3, 5), torch.device("cpu"))
+    assert set(times) == {"train_step", "decode_step_3", "decode_step_5"} and all(t > 0 for t in times.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not model.training
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
