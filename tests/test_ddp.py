@@ -33,7 +33,8 @@ ref = copy.deepcopy(policy)
 g = torch.Generator().manual_seed(1)
 ids = lambda n: torch.randint(0, 256, (int(torch.randint(2, n, (1,), generator=g)),), generator=g).tolist()
 pairs = [(ids(10), ids(12) + [256], ids(12) + [256]) for _ in range(16)]
-cfg = DPOConfig(lr=1e-3, beta=0.5, batch_size=4, grad_accum=2, max_steps=1, eval_every=0, log_every=1, device="cpu")
+cfg = DPOConfig(lr=1e-3, beta=0.5, batch_size=4, grad_accum=2, max_steps=1, warmup_steps=0, eval_every=0, log_every=1,
+                device="cpu")
 dpo(policy, ref, pairs, cfg, sys.argv[1])
 print("world", world_size())
 if is_main():
@@ -42,7 +43,7 @@ if is_main():
 torch.manual_seed(2)
 rm, prompts = ScalarModel(policy.config), [ids(8) for _ in range(8)]
 cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, micro_batch_size=4, actor_lr=1e-3,
-                critic_lr=1e-3, eval_every=0, device="cpu")
+                critic_lr=1e-3, warmup_steps=0, eval_every=0, device="cpu")
 trained, _ = ppo(copy.deepcopy(policy), policy, rm, copy.deepcopy(rm), prompts, get_tokenizer("byte"), cfg,
                  sys.argv[1] + "/ppo")
 torch.save(trained.state_dict(), f"{{sys.argv[1]}}/ppo_rank{{rank()}}.pt")
