@@ -21,7 +21,9 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import atomic_write
+from model import atomic_write, regular_file
 
 
 @dataclass
@@ -250,22 +252,49 @@ def evaluate(model, loss_fn, rows, collate, batch_size: int, device) -> dict:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors, ints and lists: what torch.load(weights_only=True) reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], "python": [version, list(internal), gauss_next],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path, mmap=False):
+    """torch.load(path) with weights_only=True: tensors, numbers, strings and containers only, so a
+    planted pickle never runs code. A file that needs pickle, or a truncated or corrupt one, is a
+    one-line ValueError naming it."""
+    path = regular_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code to load
+        why = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \d+", str(e))
+        raise ValueError(f"{path}: not a weights-only checkpoint ({why[0] if why else 'needs pickle'}); refused: "
+                         "loading it could run code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
+        raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(state).__name__}, expected a dict)")
+    return state
 
 
 def check_shapes(model, state: dict, path):
     """A one-line error when the weights `state` read from `path` are another model's shape than `model`
     (a rerun into an --out made with other --n_layer / --n_embd / --init flags)."""
     ours = model.state_dict()
+    if not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
     diff = [f"{k} {'missing' if k in ours else 'unexpected'}" for k in sorted(set(ours) ^ set(state))]
     diff += [f"{k} is {tuple(v.shape)} there, {tuple(ours[k].shape)} in this run"
              for k, v in state.items() if k in ours and v.shape != ours[k].shape]
@@ -290,7 +319,7 @@ def _drop_log_lines_after(log_path: Path, stage: str, step: int):
             record = json.loads(line)
         except json.JSONDecodeError:  # the last line can be torn by the crash that we resume from
             continue
-        if record.get("stage") != stage or record["step"] <= step:
+        if not isinstance(record, dict) or record.get("stage") != stage or record.get("step", -1) <= step:
             keep.append(line + "\n")
     atomic_save("".join(keep).encode(), log_path)
 
@@ -315,7 +344,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.seed + rank() * 100003)  # each rank its own random stream (dropout)
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, holds RNG states
+        ckpt = load_checkpoint(ckpt_path)
         load_weights(model, ckpt["model"], ckpt_path)
         step, result = ckpt["step"], ckpt["metrics"]
         if ckpt["done"]:
