@@ -18,12 +18,14 @@ import atexit
 import builtins
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -177,6 +179,107 @@ def atomic_save(obj, path):
         atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
 
 
+# One run per --out, and every stage there made with this run's settings. A run holds out/.lock (an
+# flock: the kernel drops it when the holder dies, so a killed run's lock never blocks) and the file
+# names its pid; what a stage depends on is recorded beside it (record_of) and compared before a rerun
+# changes anything.
+_LOCKS = {}  # resolved --out -> the open .lock this process holds
+
+
+def lock_run_folder(out: Path):
+    """Hold out/.lock until release_run_folders() or the end of the process; a second run on the same out
+    gets a one-line ValueError naming the holder's pid. Under torchrun rank 0 holds it for all ranks."""
+    if not is_main() or out.resolve() in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{out}: in use by another run (pid {holder}, which holds {out / '.lock'}); wait for it to "
+                         "end, or use another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[out.resolve()] = f
+
+
+def release_run_folders():
+    for f in _LOCKS.values():
+        f.truncate(0)  # a lock file naming no pid: no run holds the folder
+        f.close()
+    _LOCKS.clear()
+
+
+def remove_leftovers(out: Path):
+    """Delete what runs killed mid-write left under out: model.atomic_write's .<name>.<pid>.tmp files and
+    the folders remove_stale renamed. Call it with the lock held: then no other run writes there."""
+    for path in sorted(out.rglob(".*.tmp"), key=lambda p: len(p.parts)):
+        if re.fullmatch(r"\..+\.\d+\.tmp", path.name) and (path.is_symlink() or path.exists()):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def record_of(path: Path) -> Path:
+    """Where the settings of a stage folder (settings.json inside) or a cache file (name.json) are kept."""
+    return path / "settings.json" if path.suffix != ".pt" else path.with_suffix(".json")
+
+
+def stale_records(out: Path, plan: dict, redo: bool) -> list:
+    """The folders and caches of `plan` ({path under out: the settings this run would make it with}) that
+    were made with other settings. Without `redo` the first is a one-line ValueError naming the stage and
+    the changed flags. A stage's settings include those of the stages it starts from, so the stages after
+    a changed one are stale too."""
+    stale = []
+    for path, settings in plan.items():
+        name, record = str(path.relative_to(out)).removesuffix(".pt"), record_of(path)
+        fix = f"rerun with the same flags, use another --out, or add --redo to redo {name} and the stages after it"
+        if record.exists():
+            try:
+                made = json.loads(regular_file(record).read_text())
+                assert isinstance(made, dict)
+            except (OSError, ValueError, AssertionError):
+                raise ValueError(f"{record}: not a settings record (a JSON object); {fix}") from None
+        elif path.is_file() or any(path.glob("final.pt")) or any(path.glob("*_ckpt.pt")):
+            made = None  # made by an older mpo.py, which recorded nothing
+        else:
+            continue
+        now = json.loads(json.dumps(settings))
+        changed = [k for k in dict.fromkeys([*now, *(made or {})]) if (made or {}).get(k, ...) != now.get(k, ...)]
+        if made is not None and not changed:
+            continue
+        if redo:
+            stale.append(path)
+            continue
+        if made is None:
+            raise ValueError(f"{name}: {path} has no record of the flags it was made with ({record.name}); {fix}")
+
+        def shown(values, k=changed[0]):
+            return f"--{k.replace('*', ' x --')} {_flag_text(values[k])}" if k in values else f"no --{k}"
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ValueError(f"{name}: made with {shown(made)}, this run has {shown(now)}{more}; {fix}")
+    return stale
+
+
+def _flag_text(value) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value == "" else str(value)
+
+
+def remove_stale(paths: list):
+    """--redo: delete these folders and caches (with their records), last first. Each is first renamed to
+    a temporary name (atomic), so a crash leaves it whole or gone, never half deleted (remove_leftovers
+    clears what is left)."""
+    for path in reversed(paths):
+        for p in [path] if path.is_dir() else [path, record_of(path)]:
+            if p.exists():
+                trash = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+                os.replace(p, trash)
+                shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        print(f"--redo: removed {path}, made with other settings")
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine or linear decay to 0."""
     if step < cfg.warmup_steps:
@@ -270,10 +373,10 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path, mmap=False, kind=dict):
     """torch.load(path) with weights_only=True: tensors, numbers, strings and containers only, so a
-    planted pickle never runs code. A file that needs pickle, or a truncated or corrupt one, is a
-    one-line ValueError naming it."""
+    planted pickle never runs code. A file that needs pickle, a truncated or corrupt one, or one that
+    holds no `kind`, is a one-line ValueError naming it."""
     path = regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -284,8 +387,8 @@ def load_checkpoint(path, mmap=False):
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
         raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a checkpoint (a {type(state).__name__}, expected a dict)")
+    if not isinstance(state, kind):
+        raise ValueError(f"{path}: not a checkpoint (a {type(state).__name__}, expected a {kind.__name__})")
     return state
 
 
