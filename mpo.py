@@ -720,7 +720,8 @@ def parse_args(argv=None) -> dict:
             parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
             section.add_argument(f"--{f.name}" if group == "run" else f"--{group}.{f.name}", dest=f"{group}.{f.name}",
                                  metavar=kind.__name__.upper(), type=parse, choices=CHOICES.get(f"{group}.{f.name}"),
-                                 help=f"{helps.get(f.name, '')} (default {f.default!r})")
+                                 help=f"{helps.get(f.name, '')} (default {f.default!r})",
+                                 **({"nargs": "?", "const": True} if kind is bool else {}))  # --redo = --redo true
     given = {}
     for key, value in vars(parser.parse_args(argv)).items():
         if value is not None:
