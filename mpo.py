@@ -429,13 +429,19 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
                                                 cfgs["ppo"], d, prompts_eval, gold), stop, settings["mpo"])[0]
 
 
-def check_same_model(out: Path, base):
-    """Before anything under out changes, a rerun's model must fit the checkpoints there: SFT's now (the
-    first stage; every stage has its shape), each stage's again as it loads."""
-    for path in (out / "sft" / "final.pt", out / "sft" / "sft_ckpt.pt"):
-        if path.exists():
-            state = load_checkpoint(path, mmap=True)  # mmap: no weights read
-            check_shapes(base, state.get("model", state), path)
+def check_checkpoints(paths, base):
+    """Before anything under --out changes, every checkpoint this run would load must be one that loads
+    (weights only, not torn; mmap: no weights read), and SFT's must fit this run's model (every stage has
+    its shape; the others are checked again as they load)."""
+    for path in paths:
+        if path.suffix == ".pt":
+            load_checkpoint(path, kind=tuple)
+            continue
+        for file in [path / "final.pt", *sorted(path.glob("*_ckpt.pt"))]:
+            if file.exists():
+                state = load_checkpoint(file, mmap=True)
+                if path.name == "sft":
+                    check_shapes(base, state.get("model", state), file)
 
 
 # What decides a stage's weights, recorded as it starts (stage(), settings.json) and compared before a rerun
@@ -543,8 +549,8 @@ def run_pipeline(cfgs: dict) -> Path:
     if is_main():
         try:
             lock_run_folder(out)
-            check_same_model(out, base)
             stale = stale_records(out, planned, run.redo)
+            check_checkpoints([path for path in planned if path.exists() and path not in stale], base)
             remove_leftovers(out)
             remove_stale(stale)
             atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")

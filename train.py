@@ -183,33 +183,39 @@ def atomic_save(obj, path):
 # flock: the kernel drops it when the holder dies, so a killed run's lock never blocks) and the file
 # names its pid; what a stage depends on is recorded beside it (record_of) and compared before a rerun
 # changes anything.
-_LOCKS = {}  # resolved --out -> the open .lock this process holds
+_LOCKS = {}  # out/.lock -> its open file, for the folders this process holds
 
 
 def lock_run_folder(out: Path):
     """Hold out/.lock until release_run_folders() or the end of the process; a second run on the same out
     gets a one-line ValueError naming the holder's pid. Under torchrun rank 0 holds it for all ranks."""
-    if not is_main() or out.resolve() in _LOCKS:
+    path = out.resolve() / ".lock"
+    if not is_main() or path in _LOCKS:
         return
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise ValueError(f"{out}: in use by another run (pid {holder}, which holds {out / '.lock'}); wait for it to "
-                         "end, or use another --out") from None
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ValueError(f"{out}: in use by another run (pid {holder}, which holds {out / '.lock'}); wait for it "
+                             "to end, or use another --out") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # its holder removed it between our open and our flock: lock the new one
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _LOCKS[out.resolve()] = f
+    _LOCKS[path] = f
 
 
 def release_run_folders():
-    for f in _LOCKS.values():
-        f.truncate(0)  # a lock file naming no pid: no run holds the folder
+    """Remove the lock files this process holds (still holding them, so no other run locks a removed one)."""
+    for path, f in _LOCKS.items():
+        path.unlink(missing_ok=True)
         f.close()
     _LOCKS.clear()
 
@@ -381,9 +387,9 @@ def load_checkpoint(path, mmap=False, kind=dict):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code to load
-        why = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \d+", str(e))
-        raise ValueError(f"{path}: not a weights-only checkpoint ({why[0] if why else 'needs pickle'}); refused: "
-                         "loading it could run code") from None
+        why = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path}: not a weights-only checkpoint ({f'it calls {why[1]}' if why else 'it needs pickle'});"
+                         " refused: loading it could run code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
         raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None
