@@ -219,18 +219,29 @@ def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size,
 
 def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device, settings):
     """make_pairs once per run and source: out/pairs_<source>.pt (resampling is the costly part), its
-    settings beside it in pairs_<source>.json (written first: a cache never lacks its record)."""
+    settings beside it in pairs_<source>.json (written first: a cache never lacks its record). The rows
+    are stored as one flat tensor of token ids and their lengths: a list of lists would take minutes to
+    read back through torch.load's weights-only unpickler."""
     cache = out / f"pairs_{source}.pt"
     if cache.exists():
-        made = load_checkpoint(cache, kind=tuple)
-        if not (len(made) == 2 and isinstance(made[0], list) and torch.is_tensor(made[1])
-                and len(made[0]) == len(made[1])):
-            raise ValueError(f"{cache}: not a pairs cache (expected (rows, gaps)); delete it to resample")
-        return made
-    made = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device, run.seed)
+        return unpack_pairs(cache, load_checkpoint(cache))
+    rows, gaps = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device,
+                            run.seed)
+    lengths = torch.tensor([[len(x) for x in row] for row in rows], dtype=torch.long).view(-1, 3)
     atomic_save(json.dumps(settings, indent=1).encode(), record_of(cache))
-    atomic_save(made, cache)
-    return made
+    atomic_save({"tokens": torch.tensor([t for row in rows for x in row for t in x], dtype=torch.long),
+                 "lengths": lengths, "gaps": gaps}, cache)
+    return rows, gaps
+
+
+def unpack_pairs(cache: Path, made: dict):
+    """(rows, gaps) of a loaded pairs cache, checked to be one."""
+    tokens, lengths, gaps = (made.get(k) for k in ("tokens", "lengths", "gaps"))
+    if not (all(map(torch.is_tensor, (tokens, lengths, gaps))) and lengths.dim() == 2 and lengths.size(1) == 3
+            and len(lengths) == len(gaps) and (lengths >= 0).all() and int(lengths.sum()) == tokens.numel()):
+        raise ValueError(f"{cache}: not a pairs cache (tokens, lengths, gaps); delete it to resample")
+    parts = [x.tolist() for x in tokens.split(lengths.flatten().tolist())]
+    return [tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)], gaps
 
 
 def split_pairs(rows, gaps, split, folder: Path, tok):
@@ -435,7 +446,7 @@ def check_checkpoints(paths, base):
     its shape; the others are checked again as they load)."""
     for path in paths:
         if path.suffix == ".pt":
-            load_checkpoint(path, kind=tuple)
+            unpack_pairs(path, load_checkpoint(path, mmap=True))
             continue
         for file in [path / "final.pt", *sorted(path.glob("*_ckpt.pt"))]:
             if file.exists():

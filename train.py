@@ -199,7 +199,7 @@ def lock_run_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
+            holder = f.read(32).strip() or "unknown"
             f.close()
             raise ValueError(f"{out}: in use by another run (pid {holder}, which holds {out / '.lock'}); wait for it "
                              "to end, or use another --out") from None
@@ -244,10 +244,13 @@ def stale_records(out: Path, plan: dict, redo: bool) -> list:
         fix = f"rerun with the same flags, use another --out, or add --redo to redo {name} and the stages after it"
         if record.exists():
             try:
-                made = json.loads(regular_file(record).read_text())
+                assert regular_file(record).stat().st_size < 1 << 20
+                made = json.loads(record.read_text())
                 assert isinstance(made, dict)
             except (OSError, ValueError, AssertionError):
-                raise ValueError(f"{record}: not a settings record (a JSON object); {fix}") from None
+                if not redo:
+                    raise ValueError(f"{record}: not a settings record (a JSON object); {fix}") from None
+                made = None
         elif path.is_file() or any(path.glob("final.pt")) or any(path.glob("*_ckpt.pt")):
             made = None  # made by an older mpo.py, which recorded nothing
         else:
@@ -379,10 +382,10 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path, mmap=False, kind=dict):
+def load_checkpoint(path, mmap=False) -> dict:
     """torch.load(path) with weights_only=True: tensors, numbers, strings and containers only, so a
     planted pickle never runs code. A file that needs pickle, a truncated or corrupt one, or one that
-    holds no `kind`, is a one-line ValueError naming it."""
+    holds no dict, is a one-line ValueError naming it."""
     path = regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -393,8 +396,8 @@ def load_checkpoint(path, mmap=False, kind=dict):
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
         raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None
-    if not isinstance(state, kind):
-        raise ValueError(f"{path}: not a checkpoint (a {type(state).__name__}, expected a {kind.__name__})")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(state).__name__}, expected a dict)")
     return state
 
 

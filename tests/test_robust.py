@@ -315,7 +315,7 @@ def test_a_delta_that_empties_one_side_warns_and_the_run_completes(delta, traine
               "--dpo.max_steps", "2", "--ppo.prompts_per_step", "64", "--ppo.max_new_tokens", "4",
               "--ppo.eval_every", "0"])
     stdout = capsys.readouterr().out
-    n = len(torch.load(out / "pairs_resample.pt")[0])  # one resampled pair per distinct training prompt
+    n = len(torch.load(out / "pairs_resample.pt")["gaps"])  # one resampled pair per distinct training prompt
     assert f"warning: delta {delta} " + warning.format(n=n) in stdout
     assert (out / trained / "final.pt").exists() and not (out / skipped).exists()
     assert "| mpo |" in (out / "report.md").read_text()
