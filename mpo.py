@@ -429,8 +429,8 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
     new, stop, settings = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after, records(cfgs, split)
     policy = sft_model
     if easy:
-        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d), stop,
-                          settings["mpo_dpo"])
+        policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d),
+                          stop, settings["mpo_dpo"])
     skipped("mpo_dpo", "" if easy else stop)
     if not hard:
         skipped("mpo", stop)
@@ -465,7 +465,8 @@ def check_checkpoints(paths, base):
 # error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
 # their product, the effective batch).
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
-                "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref", "micro_batch_size"}
+                "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
+                "micro_batch_size"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -501,8 +502,8 @@ def plan(out: Path, cfgs) -> dict:
     methods = run.methods.split(",")
     steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
              ("split", out / f"pairs_{split.source}.pt", rec["pairs"]),
-             *[(name, out / name if method in methods else None, rec[name])
-               for name, method in (("dpo_all", "dpo_all"), ("ppo_all", "ppo_all"), ("mpo_dpo", "mpo"), ("mpo", "mpo"))]]
+             *[(name, out / name if method in methods else None, rec[name]) for name, method in
+               (("dpo_all", "dpo_all"), ("ppo_all", "ppo_all"), ("mpo_dpo", "mpo"), ("mpo", "mpo"))]]
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
@@ -659,7 +660,8 @@ LIMITS = {
                      "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
                      "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.num_samples", "eval.temperature",
                      "eval.tie", "eval.show"), AT_LEAST_0),
-    "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"), "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
+    "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
+    "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
     "ppo.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "ppo.gamma": UNIT, "ppo.lam": UNIT,
     "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }

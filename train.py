@@ -391,8 +391,8 @@ def load_checkpoint(path, mmap=False) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code to load
         why = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise ValueError(f"{path}: not a weights-only checkpoint ({f'it calls {why[1]}' if why else 'it needs pickle'});"
-                         " refused: loading it could run code") from None
+        why = f"it calls {why[1]}" if why else "it needs pickle"
+        raise ValueError(f"{path}: not a weights-only checkpoint ({why}); refused: loading it could run code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
         raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None

@@ -394,7 +394,8 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
                             "use another --out, or add --redo to redo sft and the stages after it"),
     (["--seed", "1"], "sft: made with --seed 0, this run has --seed 1 (and 1 more); "),
     (["--rm.margin", "0.5"], "rm: made with --rm.margin 0.0, this run has --rm.margin 0.5; "),
-    (["--split.batch_size", "8"], "pairs_resample: made with --split.batch_size 32, this run has --split.batch_size 8;"),
+    (["--split.batch_size", "8"], "pairs_resample: made with --split.batch_size 32, this run has "
+                                  "--split.batch_size 8;"),
     (["--sft.batch_size", "16"], "sft: made with --sft.batch_size x --sft.grad_accum 32, this run has --sft.batch_size "
                                  "x --sft.grad_accum 16; "),
 ], ids=["lr", "seed", "rm", "pairs", "effective batch"])
@@ -458,7 +459,8 @@ def test_stop_after_a_skipped_stage_stops_there(argv, stopped, whole, tmp_path, 
     mpo.main(["--out", str(out), *TINY, *argv])
     assert f"stopped after {stopped} (skipped in this run), as --stop_after asked" in capsys.readouterr().out
     after, rewritten = hashes(out), ("config.json", "split.jsonl")  # this run's flags; this run's split
-    assert {k: v for k, v in after.items() if k not in rewritten} == {k: v for k, v in before.items() if k not in rewritten}
+    assert ({k: v for k, v in after.items() if k not in rewritten}
+            == {k: v for k, v in before.items() if k not in rewritten})
     assert set(after) == set(before)  # no MPO PPO stage, no new report
 
 
@@ -549,7 +551,8 @@ GOOD_CONFIG = {"n_positions": 80, "vocab_size": 257, "n_layer": 1, "n_head": 2, 
 
 @pytest.mark.parametrize("config, expected", [
     ([GOOD_CONFIG], "expected a JSON object, got list"),
-    ({k: v for k, v in GOOD_CONFIG.items() if k != "n_layer"}, "n_layer must be a positive int (at most 2^20), got None"),
+    ({k: v for k, v in GOOD_CONFIG.items() if k != "n_layer"},
+     "n_layer must be a positive int (at most 2^20), got None"),
     ({**GOOD_CONFIG, "n_head": 0}, "n_head must be a positive int (at most 2^20), got 0"),
     ({**GOOD_CONFIG, "n_head": 3}, "n_embd 32 is not a multiple of n_head 3"),
     ({**GOOD_CONFIG, "n_layer": 1000000}, "n_layer 1000000, n_embd 32, n_positions 80 and vocab_size 257 imply "),
