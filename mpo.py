@@ -376,7 +376,7 @@ class Interrupted(KeyboardInterrupt):
 def stage(out: Path, name: str, make, fn, stop_after="", settings=None):
     """Run a stage once: its final weights go to out/name/final.pt and its metrics (wall time included)
     to out/name/result.json; a rerun with the same out loads them and skips the stage. `settings` (what
-    the stage depends on, see record()) go to out/name/settings.json as it starts.
+    the stage depends on, see records()) go to out/name/settings.json as it starts.
     fn(folder) -> (model, metrics); make() -> an empty model to load the weights into."""
     folder = out / name
     final, result = folder / "final.pt", folder / "result.json"
@@ -737,7 +737,7 @@ def parse_args(argv=None) -> dict:
             kind = type(f.default)
             parse = lambda s, kind=kind: parse_value(kind, s)  # noqa: E731
             parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
-            section.add_argument(f"--{f.name}" if group == "run" else f"--{group}.{f.name}", dest=f"{group}.{f.name}",
+            section.add_argument(flag(group, f.name), dest=f"{group}.{f.name}",
                                  metavar=kind.__name__.upper(), type=parse, choices=CHOICES.get(f"{group}.{f.name}"),
                                  help=f"{helps.get(f.name, '')} (default {f.default!r})",
                                  **({"nargs": "?", "const": True} if kind is bool else {}))  # --redo = --redo true
