@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import tiktoken
 import torch
 
-from model import download_file
+from model import download_file, regular_file
 
 EOT = "<|endoftext|>"
 GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
@@ -84,12 +84,18 @@ def _one_line(x) -> str:
     return " ".join(str(x).split())
 
 
+MAX_LINE = 16 << 20  # bytes per JSON line: a longer one (a 2 GB line in a gzip) is refused, not read whole
+
+
 def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for every non-blank line of a JSON-lines file (.gz or plain)."""
-    path, n, seen = Path(path), 0, False
+    """Yield (line number, object) for every non-blank line of a JSON-lines file (.gz or plain), read
+    line by line with at most MAX_LINE bytes in memory."""
+    path, n, seen = regular_file(path), 0, False
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+                if len(raw) > MAX_LINE:
+                    raise DataError(f"{path}:{n}: line longer than {MAX_LINE >> 20} MiB")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

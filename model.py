@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import sys
 import urllib.error
@@ -272,18 +273,24 @@ class GPT(nn.Module):
             path = files[0]
         if not path.exists():
             raise FileNotFoundError(f"{path_or_name}: no such file or directory, nor one of {HUB_NAMES}")
-        hf = json.loads((path.parent / "config.json").read_text())
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path.parent / 'config.json'}: activation_function "
-                             f"{hf['activation_function']}, GPT-2 uses gelu_new (tanh approximation)")
-        # HF's dropouts (0.1) are not copied: dropout stays 0, as RLHF wants it off (N+ detail)
-        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                              n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                              layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5)))
+        config = read_hf_config(path.parent / "config.json")
         if path.suffix == ".safetensors":
             state = read_safetensors(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(regular_file(path), map_location="cpu", weights_only=True, mmap=True)
+                assert isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())
+            except Exception as e:  # pickle code refused, a truncated zip, not a state dict
+                raise ValueError(f"{path}: not a weights-only state dict ({' '.join(str(e).split())[:200]})") from None
+        # The config decides what gets allocated: its parameter count must be the file's before anything is built.
+        C, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.block_size
+        implied = V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+        held = sum(v.numel() for k, v in state.items()
+                   if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight")
+        if implied != held:
+            raise ValueError(f"{path.parent / 'config.json'}: n_layer {L}, n_embd {C}, n_positions {P} and vocab_size "
+                             f"{V} imply {implied} parameters, {path.name} holds {held}")
+        model = cls(config)
         head, wte = state.get("lm_head.weight"), state.get("wte.weight", state.get("transformer.wte.weight"))
         if head is not None and wte is not None and not torch.equal(head, wte):  # GPT-2 ties them; we always do
             raise ValueError(f"{path}: lm_head.weight differs from wte.weight (an untied head), GPT-2 ties them")
@@ -319,6 +326,34 @@ class GPT(nn.Module):
               "activation_function": "gelu_new", "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
               "summary_first_dropout": 0.0, "tie_word_embeddings": True}
         atomic_write(directory / "config.json", lambda f: f.write(json.dumps(hf, indent=2).encode()))
+
+
+def read_hf_config(path) -> GPTConfig:
+    """A Hugging Face GPT-2 config.json, validated before any model is built from it (a hostile file
+    must not make us build a million layers). HF's dropouts (0.1) are not copied: dropout stays 0, as
+    RLHF wants it off (N+ detail)."""
+    path = regular_file(path)
+    if not path.exists() or path.stat().st_size > 1 << 20:
+        raise ValueError(f"{path}: {'missing' if not path.exists() else 'over 1 MiB, not a GPT-2 config'}")
+    try:
+        hf = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{path}: activation_function {hf['activation_function']}, GPT-2 uses gelu_new "
+                         "(tanh approximation)")
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if type(hf.get(key)) is not int or not 0 < hf[key] <= (1 << 20):
+            raise ValueError(f"{path}: {key} must be a positive int (at most 2^20), got {hf.get(key)!r}")
+    if hf["n_embd"] % hf["n_head"]:
+        raise ValueError(f"{path}: n_embd {hf['n_embd']} is not a multiple of n_head {hf['n_head']}")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise ValueError(f"{path}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=eps)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -377,35 +412,64 @@ class ScalarModel(nn.Module):
         return self(idx, attention_mask).gather(1, last[:, None]).squeeze(1)
 
 
+def regular_file(path) -> Path:
+    """path, checked to be a regular file: a FIFO or a device in its place would block a read forever."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "a FIFO" if stat.S_ISFIFO(path.stat().st_mode) else "not a file"
+        raise ValueError(f"{path}: not a regular file ({kind})")
+    return path
+
+
+MAX_HEADER = 100 << 20  # the safetensors format's own cap on the JSON header
+
+
 def read_safetensors(path):
     """Parse a safetensors file by hand: 8-byte little-endian header length, a JSON header mapping
-    names to dtype / shape / data_offsets (relative to the end of the header), then the raw bytes."""
-    path = Path(path)
-    raw = bytearray(path.stat().st_size)
+    names to dtype / shape / data_offsets (relative to the end of the header), then the raw bytes. The
+    header is checked in full (every entry, offsets in range and not overlapping) before the tensor
+    bytes are read, so a hostile header allocates nothing."""
+    path = regular_file(path)
+    size = path.stat().st_size
+
+    def corrupt(why):
+        return ValueError(f"{path}: corrupt safetensors header ({why})")
+
     with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))[0]
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
+            raise corrupt("bad header length")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError):
+            raise corrupt("not a JSON object") from None
+        entries, data_size = [], size - 8 - n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict):
+                raise corrupt(f"{name} is not an object")
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: {name} has dtype {info.get('dtype')}, supported: F32, F16, BF16")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise corrupt(f"{name} shape {shape!r} is not a list of non-negative ints")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+                raise corrupt(f"{name} data_offsets {offsets!r} is not a pair of ints")
+            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], offsets
+            if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise corrupt(f"{name} data_offsets out of range")
+            entries.append((begin, end, name, dtype, shape))
+        entries.sort()
+        for (_, end, a, *_), (begin, _, b, *_) in zip(entries, entries[1:]):
+            if begin < end:
+                raise corrupt(f"{a} and {b} overlap")
+        raw = bytearray(data_size)
         f.readinto(raw)
-    if len(raw) < 8 or not 2 <= struct.unpack("<Q", raw[:8])[0] <= len(raw) - 8:
-        raise ValueError(f"{path}: corrupt safetensors header (bad header length)")
-    start = 8 + struct.unpack("<Q", raw[:8])[0]
-    try:
-        header = json.loads(raw[8:start])
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: {name} has dtype {info.get('dtype')}, supported: F32, F16, BF16")
-        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= len(raw) - start or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: corrupt safetensors header ({name} data_offsets out of range)")
-        # frombuffer shares memory with `raw`: no second copy of a multi-GB checkpoint
-        tensors[name] = (torch.frombuffer(raw, dtype=dtype, count=count, offset=start + begin).view(shape)
-                         if count else torch.empty(shape, dtype=dtype))
-    return tensors
+    # frombuffer shares memory with `raw`: no second copy of a multi-GB checkpoint
+    return {name: torch.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=begin).view(shape)
+            if math.prod(shape) else torch.empty(shape, dtype=dtype) for begin, _, name, dtype, shape in entries}
 
 
 def write_safetensors(tensors, path, metadata=None):
@@ -428,7 +492,8 @@ def write_safetensors(tensors, path, metadata=None):
 
 def atomic_write(path, write, size=None):
     """write(f) into a temporary file, fsync, then rename: a crash never leaves a half-written file at
-    `path`. With `size` (a download's Content-Length) a file of another length is refused."""
+    `path`. With `size` (a download's Content-Length) a file of another length is refused. A failed
+    write (a full disk: torch.save says only "unexpected pos") is an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -437,11 +502,16 @@ def atomic_write(path, write, size=None):
             f.flush()
             os.fsync(f.fileno())
             written = f.tell()
-        if size is not None and written != size:
-            raise RuntimeError(f"{path}: downloaded {written} of {size} bytes (connection lost?); run again")
-        os.replace(tmp, path)
+        if size is None or written == size:
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = shutil.disk_usage(path.parent).free < 1 << 20 if path.parent.exists() else False
+        why = "No space left on device" if full else getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise OSError(f"{path}: cannot write ({why})") from None
     finally:
         tmp.unlink(missing_ok=True)
+    if size is not None and written != size:
+        raise RuntimeError(f"{path}: downloaded {written} of {size} bytes (connection lost?); run again")
 
 
 def download_file(url, path, hint):

@@ -20,6 +20,7 @@ import datetime
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -31,12 +32,13 @@ import torch.nn.functional as F
 
 from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer, load_task
 from dpo import DPOConfig, dpo, response_logps
-from model import GPT, GPTConfig, ScalarModel, response_mask
+from model import GPT, GPTConfig, ScalarModel, regular_file, response_mask
 from ppo import PPOConfig, ppo
 from report import write_report
-from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
-                   load_weights, memory_estimate, pick_device, progress, rank, sampling_batch, set_dtype,
-                   setup_distributed, shard, time_probe, to_device, train, unshard)
+from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, gather, is_main,
+                   load_checkpoint, load_weights, lock_run_folder, memory_estimate, pick_device, progress, rank,
+                   record_of, release_run_folders, remove_leftovers, remove_stale, sampling_batch, set_dtype,
+                   setup_distributed, shard, stale_records, time_probe, to_device, train, unshard)
 
 
 @dataclass
@@ -219,15 +221,36 @@ def make_pairs(source, sft_model, rm, pairs, eos_id, max_new_tokens, batch_size,
     return rows, torch.tensor(gaps)
 
 
-def cached_pairs(out: Path, source, sft_model, rm, pairs, tok, run, batch_size, device, per_row=True):
-    """make_pairs once per run and source: out/pairs_<source>[_per_row].pt (resampling is the costly part)."""
-    cache = out / f"pairs_{source}{'_per_row' if per_row and source == 'resample' else ''}.pt"
+def pairs_cache(out: Path, split) -> Path:
+    """out/pairs_<source>.pt, or pairs_resample_per_row.pt: the pairs of one source and sampling."""
+    return out / f"pairs_{split.source}{'_per_row' if split.pairs_per_row and split.source == 'resample' else ''}.pt"
+
+
+def cached_pairs(out: Path, split, sft_model, rm, pairs, tok, run, device, settings):
+    """make_pairs once per run and source (pairs_cache; resampling is the costly part), its settings
+    beside it in a .json of the same name (written first: a cache never lacks its record). The rows are
+    stored as one flat tensor of token ids and their lengths: a list of lists would take minutes to
+    read back through torch.load's weights-only unpickler."""
+    cache = pairs_cache(out, split)
     if cache.exists():
-        return torch.load(cache, weights_only=True)
-    made = make_pairs(source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, batch_size, device, run.seed,
-                      per_row)
-    atomic_save(made, cache)
-    return made
+        return unpack_pairs(cache, load_checkpoint(cache))
+    rows, gaps = make_pairs(split.source, sft_model, rm, pairs, tok.eot_token, run.max_response_len, split.batch_size,
+                            device, run.seed, split.pairs_per_row)
+    lengths = torch.tensor([[len(x) for x in row] for row in rows], dtype=torch.long).view(-1, 3)
+    atomic_save(json.dumps(settings, indent=1).encode(), record_of(cache))
+    atomic_save({"tokens": torch.tensor([t for row in rows for x in row for t in x], dtype=torch.long),
+                 "lengths": lengths, "gaps": gaps}, cache)
+    return rows, gaps
+
+
+def unpack_pairs(cache: Path, made: dict):
+    """(rows, gaps) of a loaded pairs cache, checked to be one."""
+    tokens, lengths, gaps = (made.get(k) for k in ("tokens", "lengths", "gaps"))
+    if not (all(map(torch.is_tensor, (tokens, lengths, gaps))) and lengths.dim() == 2 and lengths.size(1) == 3
+            and len(lengths) == len(gaps) and (lengths >= 0).all() and int(lengths.sum()) == tokens.numel()):
+        raise ValueError(f"{cache}: not a pairs cache (tokens, lengths, gaps); delete it to resample")
+    parts = [x.tolist() for x in tokens.split(lengths.flatten().tolist())]
+    return [tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)], gaps
 
 
 def split_pairs(rows, gaps, split, folder: Path, tok):
@@ -333,6 +356,7 @@ class RunConfig:
     variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
     out: str = ""                  # run folder; default out/<dataset>
     stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
+    redo: bool = False             # redo the stages whose recorded flags differ from this run's, and those after them
     device: str = "auto"
     dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
     grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute (gpt2-large / xl)
@@ -359,25 +383,45 @@ class StopAfter(Exception):
     """Raised after the stage named by --stop_after, so that train.sh can run one stage per line."""
 
 
-def stage(out: Path, name: str, make, fn, stop_after=""):
+def skipped(name: str, stop_after: str):
+    """A stage this run leaves out (not in --methods, or one side of the split is empty): --stop_after
+    still stops where it would have run, never later."""
+    if name == stop_after:
+        raise StopAfter(f"{name} (skipped in this run)")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a stage, with the stage's name for main's one line."""
+
+
+def stage(out: Path, name: str, make, fn, stop_after="", settings=None):
     """Run a stage once: its final weights go to out/name/final.pt and its metrics (wall time included)
-    to out/name/result.json; a rerun with the same out loads them and skips the stage.
+    to out/name/result.json; a rerun with the same out loads them and skips the stage. `settings` (what
+    the stage depends on, see records()) go to out/name/settings.json as it starts.
     fn(folder) -> (model, metrics); make() -> an empty model to load the weights into."""
     folder = out / name
     final, result = folder / "final.pt", folder / "result.json"
     if final.exists():
         model = make()
-        load_weights(model, torch.load(final, map_location="cpu", weights_only=True), final)
+        load_weights(model, load_checkpoint(final), final)
+        try:
+            metrics = json.loads(regular_file(result).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{result}: cannot read ({' '.join(str(e).split())}); delete {folder} to redo {name}")
         print(f"{name}: done in an earlier run, loaded {final}")
         if name == stop_after:
             raise StopAfter(name)
-        return model, json.loads(result.read_text())
+        return model, metrics
     folder.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        atomic_save(json.dumps(settings, indent=1).encode(), folder / "settings.json")
     start = time.time()
     try:
         model, metrics = fn(folder)
     except torch.OutOfMemoryError:  # its own message is a page of allocator statistics
         raise RuntimeError(out_of_memory(name)) from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"{name} ({folder})") from None
     metrics = {**metrics, "wall_s": time.time() - start}
     atomic_save(json.dumps(metrics, indent=1).encode(), result)
     atomic_save(model.state_dict(), final)  # written last: its presence marks the stage done
@@ -403,25 +447,93 @@ def out_of_memory(name: str) -> str:
 def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, gold):
     """MPO proper: DPO on the easy pairs (init = ref = SFT), then PPO on the hard prompts with the DPO
     model as the starting policy and (unless ablated) the KL reference; the critic starts from the RM."""
-    new, stop = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after
+    new, stop, settings = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after, records(cfgs, split)
     policy = sft_model
     if easy:
         policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d,
-                                                             stage="mpo_dpo"), stop)
+                                                             stage="mpo_dpo"), stop, settings["mpo_dpo"])
+    skipped("mpo_dpo", "" if easy else stop)
     if not hard:
+        skipped("mpo", stop)
         return policy
     ref = policy if split.stage2_ref == "dpo" else sft_model
     return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
-                                                cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop)[0]
+                                                cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop, settings["mpo"])[0]
 
 
-def check_same_model(out: Path, base):
-    """Before anything under out changes, a rerun's model must fit the checkpoints there: SFT's now (the
-    first stage; every stage has its shape), each stage's again as it loads."""
-    for path in (out / "sft" / "final.pt", out / "sft" / "sft_ckpt.pt"):
-        if path.exists():
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no weights read
-            check_shapes(base, state.get("model", state), path)
+def check_checkpoints(paths, base):
+    """Before anything under --out changes, every checkpoint this run would load must be one that loads
+    (weights only, not torn; mmap: no weights read), and SFT's must fit this run's model (every stage has
+    its shape; the others are checked again as they load)."""
+    for path in paths:
+        if path.suffix == ".pt":
+            unpack_pairs(path, load_checkpoint(path, mmap=True))
+            continue
+        for file in [path / "final.pt", *sorted(path.glob("*_ckpt.pt"))]:
+            if file.exists():
+                state = load_checkpoint(file, mmap=True)
+                if path.name == "sft":
+                    check_shapes(base, state.get("model", state), file)
+
+
+# What decides a stage's weights, recorded as it starts (stage(), settings.json) and compared before a rerun
+# changes anything (train.stale_records): the data (dataset, data_dir, template, lengths, max_train), the
+# model (init, or a fresh GPT's shape), the seed, the stage's own config, and the records of the stages it
+# starts from, so a change reaches every stage after it. Not recorded, as they change how or where a result
+# is computed, or what is logged, but not the result: out, device, dtype, compile, grad_checkpoint, what
+# else runs (methods, variants, stop_after, redo), log_every, eval_every, ckpt_every, num_samples, the
+# evaluation (max_eval, eval.*: the evaluation reruns every time), and the memory knobs an out-of-memory
+# error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
+# their product, the effective batch).
+NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
+                "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
+                "micro_batch_size"}
+
+
+def flags_of(cfg, group: str) -> dict:
+    """{flag name: value} of cfg's recorded fields ("sft.lr"; the run's own fields without a prefix)."""
+    pre = "" if group == "run" else f"{group}."
+    values = {pre + k: v for k, v in asdict(cfg).items() if k not in NOT_RECORDED}
+    if pre + "grad_accum" in values:
+        values[f"{pre}batch_size*{pre}grad_accum"] = values.pop(pre + "batch_size") * values.pop(pre + "grad_accum")
+    return values
+
+
+def records(cfgs, split: SplitConfig) -> dict:
+    """{stage or cache: the settings it depends on} for one split (MPO's, or an ablation variant's)."""
+    run = cfgs["run"]
+    data = {k: v for k, v in flags_of(run, "run").items() if not (run.init and k in ("n_layer", "n_head", "n_embd"))}
+    sft = data | flags_of(cfgs["sft"], "sft")
+    rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+    pairs = rm | (sft if split.source == "resample" else {}) | {f"split.{k}": getattr(split, k) for k in
+                                                                ("source", "batch_size", "pairs_per_row")}
+    dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo"), flags_of(cfgs["ppo"], "ppo")
+    mpo_dpo = pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")} | dpo_cfg
+    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "ppo_all": pairs | ppo_cfg,
+            "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
+
+
+def variant_folder(out: Path, text: str) -> Path:
+    return out / "variants" / text.replace("=", "-").replace(",", "_")
+
+
+def plan(out: Path, cfgs) -> dict:
+    """{folder or cache under out: its settings} for every stage this run makes or loads, up to --stop_after."""
+    run, split, rec = cfgs["run"], cfgs["split"], records(cfgs, cfgs["split"])
+    methods = run.methods.split(",")
+    steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
+             ("split", pairs_cache(out, split), rec["pairs"]),
+             *[(name, out / name if method in methods else None, rec[name]) for name, method in
+               (("dpo_all", "dpo_all"), ("ppo_all", "ppo_all"), ("mpo_dpo", "mpo"), ("mpo", "mpo"))]]
+    if run.stop_after:
+        steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
+    else:
+        for text in filter(None, run.variants.split(";")):
+            v = with_split(split, parse_fields(SplitConfig, text))
+            vrec = records(cfgs, v)
+            steps += [("", pairs_cache(out, v), vrec["pairs"]),
+                      *[("", variant_folder(out, text) / name, vrec[name]) for name in ("mpo_dpo", "mpo")]]
+    return {path: settings for _, path, settings in steps if path is not None}
 
 
 def print_memory_estimate(config, cfgs, device):
@@ -505,24 +617,41 @@ def run_pipeline(cfgs: dict) -> Path:
         block_size=run.max_prompt_len + run.max_response_len, vocab_size=tok.n_vocab,
         n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd))
     base.config.grad_checkpoint = run.grad_checkpoint  # shared by every model built from base.config
+    if run.max_prompt_len + run.max_response_len > base.config.block_size:
+        raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len {run.max_response_len} is more "
+                         f"than the {base.config.block_size} positions of --init {run.init}")
     rows = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
     cfgs["split"] = split = replace(split, batch_size=split.batch_size or rows)
     cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
+    # Only now, with the data and the model checked, is --out locked and compared with this run's flags;
+    # only once all of that holds does anything under it change (rank 0 changes it; every rank learns how
+    # that went).
+    planned, problem = plan(out, cfgs), None
+    if is_main():
+        try:
+            lock_run_folder(out)
+            stale = stale_records(out, planned, run.redo)
+            check_checkpoints([path for path in planned if path.exists() and path not in stale], base)
+            remove_leftovers(out)
+            remove_stale(stale)
+            atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
+        except ValueError as e:
+            problem = str(e)
+    if problem := gather(problem)[0]:
+        raise ValueError(problem)
     print_plan(cfgs, base, sft_rows, pairs, device)
-    check_same_model(out, base)  # only now, with the data and the model checked, does anything under --out change
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save(json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1).encode(), out / "config.json")
     new = lambda: GPT(base.config)  # noqa: E731
+    rec = records(cfgs, split)
 
-    sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval), run.stop_after)
+    sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval),
+                         run.stop_after, rec["sft"])
     torch.manual_seed(run.seed)  # the RM head's init: the same whether SFT ran now or was loaded (resume)
     rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
-        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after)
-    pairs_of = lambda s: cached_pairs(out, s.source, sft_model, rm, pairs, tok, run, split.batch_size, device,  # noqa: E731
-                                      s.pairs_per_row)
+        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after, rec["rm"])
+    pairs_of = lambda s: cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])  # noqa: E731
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if run.stop_after == "split":
@@ -532,24 +661,31 @@ def run_pipeline(cfgs: dict) -> Path:
     models, methods = {"sft": sft_model}, run.methods.split(",")
     if "dpo_all" in methods:
         models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d, stage="dpo_all"), run.stop_after)[0]
+            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d, stage="dpo_all"), run.stop_after,
+            rec["dpo_all"])[0]
+    skipped("dpo_all", "" if "dpo_all" in methods else run.stop_after)
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
             trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
-            prompts_eval, task.gold_reward, "ppo_all"), run.stop_after)[0]
+            prompts_eval, task.gold_reward, "ppo_all"), run.stop_after, rec["ppo_all"])[0]
+    skipped("ppo_all", "" if "ppo_all" in methods else run.stop_after)
     if "mpo" in methods:
         models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
+    for name in ("mpo_dpo", "mpo"):
+        skipped(name, "" if "mpo" in methods else run.stop_after)
     variants = {}
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
-        folder = out / "variants" / text.replace("=", "-").replace(",", "_")
+        folder = variant_folder(out, text)
         v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v), v, folder, tok)
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
                                             task.gold_reward)
 
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
-    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
+    made = {str(path.relative_to(out)).removesuffix(".pt"): settings for path, settings in planned.items()
+            if (path / "final.pt").exists() or path.is_file()}  # the stages this run ran or loaded
+    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -585,6 +721,60 @@ CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author"
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
            **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
 METHODS = ("dpo_all", "ppo_all", "mpo")
+
+
+# What each flag accepts, checked (validate) before anything is read or written: "group.field", or
+# "*.field" for that field in every group -> (test, what it accepts). Every float must also be finite.
+POSITIVE, AT_LEAST_0, UNIT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+LIMITS = {
+    **dict.fromkeys(("*.batch_size", "*.grad_accum", "*.log_every", "*.lr", "*.epochs", "*.grad_clip", "run.n_layer",
+                     "run.n_head", "run.n_embd", "run.max_prompt_len", "run.max_response_len", "sft.ckpt_every",
+                     "rm.ckpt_every", "dpo.ckpt_every", "dpo.beta", "ppo.prompts_per_step", "ppo.samples_per_prompt",
+                     "ppo.passes", "ppo.max_new_tokens", "ppo.temperature", "ppo.reward_clip", "ppo.kl_horizon",
+                     "ppo.ppo_epochs", "ppo.num_minibatches", "ppo.micro_batch_size", "ppo.clip_range",
+                     "ppo.clip_range_value", "ppo.actor_lr", "ppo.critic_lr", "ppo.adam_eps", "eval.prompts",
+                     "eval.samples"), POSITIVE),
+    **dict.fromkeys(("*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",
+                     "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
+                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples", "eval.temperature",
+                     "eval.tie", "eval.show"), AT_LEAST_0),
+    "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
+    "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
+    **dict.fromkeys(("split.batch_size", "eval.batch_size"), (AT_LEAST_0[0], ">= 0 (0: sized for the device)")),
+    "ppo.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "ppo.gamma": UNIT, "ppo.lam": UNIT,
+    "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+}
+
+
+def flag(group: str, name: str) -> str:
+    return f"--{name}" if group == "run" else f"--{group}.{name}"
+
+
+def validate(cfgs: dict):
+    """A ValueError "argument --flag: what it accepts" for the first flag out of LIMITS, or out of step with
+    another flag; the variants' split fields are checked like --split's."""
+    variants = [("split", with_split(cfgs["split"], parse_fields(SplitConfig, text)), f"--variants {text!r}: ")
+                for text in filter(None, cfgs["run"].variants.split(";"))]
+    for group, cfg, where in [*((group, cfg, "") for group, cfg in cfgs.items()), *variants]:
+        for name, value in asdict(cfg).items():
+            test, accepts = LIMITS.get(f"{group}.{name}") or LIMITS.get(f"*.{name}") or (None, "")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"argument {where}{flag(group, name)}: must be a finite number, got {value}")
+            if test and not test(value):
+                raise ValueError(f"argument {where}{flag(group, name)}: must be {accepts}, got {value}")
+    run, ppo_cfg, world = cfgs["run"], cfgs["ppo"], int(os.environ.get("WORLD_SIZE", 1))
+    if not run.init and run.n_embd % run.n_head:
+        raise ValueError(f"argument --n_embd: must be a multiple of --n_head {run.n_head}, got {run.n_embd}")
+    for group in ("sft", "rm", "dpo"):
+        if cfgs[group].grad_accum % world:
+            raise ValueError(f"argument --{group}.grad_accum: must be a multiple of the {world} processes (each takes "
+                             f"grad_accum / processes micro-batches of a step), got {cfgs[group].grad_accum}")
+    if ppo_cfg.max_new_tokens > run.max_response_len:
+        raise ValueError(f"argument --ppo.max_new_tokens: must be at most --max_response_len {run.max_response_len} "
+                         f"(the model's positions), got {ppo_cfg.max_new_tokens}")
+    if ppo_cfg.num_minibatches > ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt:
+        raise ValueError(f"argument --ppo.num_minibatches: must be at most --ppo.prompts_per_step x "
+                         f"--ppo.samples_per_prompt (the responses of an iteration), got {ppo_cfg.num_minibatches}")
 
 
 def parse_value(kind, text: str):
@@ -626,9 +816,10 @@ def parse_args(argv=None) -> dict:
             kind = type(f.default)
             parse = lambda s, kind=kind: parse_value(kind, s)  # noqa: E731
             parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
-            section.add_argument(f"--{f.name}" if group == "run" else f"--{group}.{f.name}", dest=f"{group}.{f.name}",
+            section.add_argument(flag(group, f.name), dest=f"{group}.{f.name}",
                                  metavar=kind.__name__.upper(), type=parse, choices=CHOICES.get(f"{group}.{f.name}"),
-                                 help=f"{helps.get(f.name, '')} (default {f.default!r})")
+                                 help=f"{helps.get(f.name, '')} (default {f.default!r})",
+                                 **({"nargs": "?", "const": True} if kind is bool else {}))  # --redo = --redo true
     given = {}
     for key, value in vars(parser.parse_args(argv)).items():
         if value is not None:
@@ -653,6 +844,10 @@ def parse_args(argv=None) -> dict:
         preset = DEMO.get(group, {}) if demo else DATASET_DEFAULTS.get(dataset, {}).get(group, {})
         cfgs[group] = cls(**{**inherited, **preset, **given.get(group, {})})
     cfgs["split"] = with_split(cfgs["split"], given.get("split", {}))
+    try:
+        validate(cfgs)
+    except ValueError as e:
+        parser.error(str(e))
     return cfgs
 
 
@@ -671,11 +866,17 @@ def main(argv=None):
     except StopAfter as e:
         print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")
         return
+    except KeyboardInterrupt as e:  # Ctrl-C: finished stages and the last checkpoint are on disk
+        where = f"in stage {e}" if isinstance(e, Interrupted) else "outside the training stages"
+        print(f"\nmpo: interrupted {where}; rerun with the same --out to resume", file=sys.stderr)
+        sys.exit(130)
     except torch.OutOfMemoryError:  # outside a stage (stage() explains its own); a RuntimeError, so first
         sys.exit(f"mpo: error: {out_of_memory('sampling')}")
     # Bad data or flag values, a missing download, a checkpoint of another shape, a NaN: one line, no traceback.
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit("mpo: error: " + " ".join(str(e).split()))
+    finally:
+        release_run_folders()
     print(f"report: {report}")
 
 

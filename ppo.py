@@ -51,8 +51,9 @@ import torch
 from data import collate_prompts
 from dpo import token_logps
 from model import response_mask
-from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_weights, lr_at,
-                   mean_over_ranks, pick_device, progress, rank, rate_eta, shard, sum_over_ranks, timestamp, world_size)
+from train import (_drop_log_lines_after, all_reduce_mean, atomic_save, autocast, is_main, load_checkpoint,
+                   load_weights, lr_at, mean_over_ranks, pick_device, progress, rank, rate_eta, shard, sum_over_ranks,
+                   timestamp, world_size)
 
 
 @dataclass
@@ -347,7 +348,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     total = cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         load_weights(policy, ckpt["policy"], ckpt_path)
         it, result = ckpt["iteration"], ckpt["metrics"]
         if ckpt["done"]:

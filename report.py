@@ -50,9 +50,16 @@ def plot_curves(path, out: Path):
     for ax in axes.flat[len(logs):]:
         ax.axis("off")
     for ax, log in zip(axes.flat, logs):
-        records = [json.loads(line) for line in log.read_text().splitlines()]
+        records = []
+        for line in log.read_text().splitlines():  # a line torn by a crash, or not one of ours, is left out
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        records = [r for r in records if isinstance(r, dict) and {"stage", "step", "split"} <= r.keys()]
         # the stage's key metric: DPO's margins, the RM's accuracy, PPO's gold (else its RM score), SFT's loss
-        k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss") if any(k in r for r in records)), "loss")
+        k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss") if any(k in r for r in records)),
+                 "loss")
         for split in ("train", "eval"):
             points = [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
             if points:
@@ -94,13 +101,15 @@ def subset_table(results) -> list:
             *table(rows, [f"{s} {k}" for s in names for k in ("rm_score", "win_rate")]), ""]
 
 
-def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics) -> Path:
+def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made) -> Path:
+    """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded."""
     key = "gold" if "gold" in results["sft"] else "rm_score"
     by_gap = rm_metrics.get("eval/accuracy_by_gap", {})
     plot_gaps(out / "gaps.png", gaps, split_stats["delta"], by_gap)
     plot_curves(out / "curves.png", out)
     plot_frontier(out / "frontier.png", results, key)
-    times = {str(p.parent.relative_to(out)): json.loads(p.read_text())["wall_s"] for p in sorted(out.rglob("result.json"))}
+    times = {name: json.loads((out / name / "result.json").read_text())["wall_s"] for name in made
+             if (out / name / "result.json").exists()}
     cols = [c for c in ("gold", "gold_se", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
     best = max(results, key=lambda n: results[n][key])
     lines = [f"# MPO run: {cfgs['run'].dataset}", "",
@@ -126,6 +135,11 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
               "![learning curves](curves.png)", "", "## Samples", ""]
     for name, pairs in samples.items():
         lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
-    lines += ["## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
+    # Every stage was made with the settings it recorded (a rerun with others is refused), so together they
+    # describe what was run, also when each stage came from another command line (train.sh).
+    settings = {k: v for stage in made.values() for k, v in stage.items()}
+    lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (mpo.py's "
+              "NOT_RECORDED ones do not change results), then the evaluation's:", "", "```json",
+              json.dumps({"stages": settings, "eval": asdict(cfgs["eval"])}, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"

@@ -262,7 +262,8 @@ def test_corrupt_or_mismatched_checkpoints_name_the_file(tmp_path):
     path.write_bytes(good)
     (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
                                                       "n_layer": 3}))
-    with pytest.raises(ValueError, match=re.escape(str(path)) + r": key transformer\.h\.2\.\S+ is missing"):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json")) + r": n_layer 3, .* imply \d+ "
+                       r"parameters, model\.safetensors holds \d+"):  # refused before a model is built
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"activation_function": "relu"}))
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json")) + ": activation_function relu"):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import mpo
-from data import get_tokenizer
-from model import GPT, GPTConfig, ScalarModel
+from data import MAX_LINE, DataError, get_tokenizer, read_jsonl
+from model import GPT, GPTConfig, ScalarModel, read_safetensors
 from ppo import PPOConfig, ppo
 from train import TrainConfig, atomic_save, train
 
@@ -95,7 +95,7 @@ def test_sigkill_mid_stage_then_rerun_ends_like_an_uninterrupted_run(whole, tmp_
     run = cli(out)
     kill_when(run, logged_step(out / "sft" / "metrics.jsonl", 8), "SFT step 8")
     assert (out / "sft" / "sft_ckpt.pt").exists() and not (out / "sft" / "final.pt").exists()
-    step = torch.load(out / "sft" / "sft_ckpt.pt", weights_only=False)["step"]
+    step = torch.load(out / "sft" / "sft_ckpt.pt", weights_only=True)["step"]
     assert step % 5 == 0 and max(line["step"] for line in lines(out / "sft" / "metrics.jsonl")) > step
     run = cli(out)
     kill_when(run, lambda: (out / "rm" / "metrics.jsonl").exists(), "the RM stage")
@@ -128,7 +128,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(whole, tmp_p
     assert code == 1 and "Traceback" not in stderr
     assert errors == [f"mpo: error: dpo: loss is nan at step 2; stopped, last good checkpoint kept: "
                       f"{out / 'dpo_all' / 'dpo_ckpt.pt'}"], stderr
-    ckpt = torch.load(out / "dpo_all" / "dpo_ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "dpo_all" / "dpo_ckpt.pt", weights_only=True)
     assert ckpt["step"] == 1 and not ckpt["done"] and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (out / "dpo_all" / "final.pt").exists()
     after = hashes(out)
@@ -155,7 +155,7 @@ def test_nan_reward_stops_ppo_naming_the_quantities(tmp_path):
         ppo(GPT(policy.config), policy, rm, ScalarModel(policy.config), prompts, get_tokenizer("byte"), cfg, tmp_path)
     message = str(error.value)
     assert "\n" not in message and message.startswith("ppo: ") and "score" in message and "iteration 2" in message
-    ckpt = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["policy"].values())
 
 
@@ -219,20 +219,29 @@ def test_bad_dataset_files_stop_with_file_line_and_reason(case, whole, tmp_path,
 
 
 @pytest.mark.parametrize("flag, mismatch", [
-    (["--n_embd", "64"], "transformer.wte.weight is (257, 32) there, (257, 64) in this run; 17 mismatched tensors"),
-    (["--n_layer", "2"], "transformer.h.1.attn.c_attn.bias missing; 12 mismatched tensors"),
+    (["--n_embd", "64"], "sft: made with --n_embd 32, this run has --n_embd 64; "),
+    (["--n_layer", "2"], "sft: made with --n_layer 1, this run has --n_layer 2; "),
 ], ids=["n_embd", "n_layer"])
 def test_checkpoints_of_another_model_shape_are_refused_naming_the_stage(flag, mismatch, whole, tmp_path, capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     before = hashes(out)
     message = error_of(["--out", str(out), *TINY, *flag], capsys)
-    assert message.startswith(f"mpo: error: {out / 'sft' / 'final.pt'}: checkpoint of another model shape ({mismatch})")
+    assert message.startswith(f"mpo: error: {mismatch}")
     assert hashes(out) == before
-    shutil.rmtree(out / "sft")  # without SFT's checkpoint a new SFT runs; the RM's is refused as it loads
+    shutil.rmtree(out / "sft")  # without SFT's checkpoint the RM's record is refused before anything changes
+    before = hashes(out)
     message = error_of(["--out", str(out), *TINY, *flag, "--sft.max_steps", "1"], capsys)
-    assert message.startswith(f"mpo: error: {out / 'rm' / 'final.pt'}: checkpoint of another model shape (gpt.")
-    kept = [k for k in before if not k.startswith("sft/") and k != "config.json"]
-    assert {k: hashes(out)[k] for k in kept} == {k: before[k] for k in kept}
+    assert message.startswith(f"mpo: error: rm: made with --{flag[0][2:]} ")
+    assert hashes(out) == before
+    # A checkpoint that fits its record but not the model (an --init folder whose files changed): refused by shape.
+    settings = json.loads((whole / "sft" / "settings.json").read_text())
+    shutil.rmtree(out)
+    shutil.copytree(whole / "sft", out / "sft")
+    (out / "sft" / "settings.json").write_text(json.dumps({**settings, flag[0][2:]: int(flag[1])}, indent=1))
+    before = hashes(out)
+    message = error_of(["--out", str(out), *TINY, *flag], capsys)
+    assert message.startswith(f"mpo: error: {out / 'sft' / 'final.pt'}: checkpoint of another model shape")
+    assert hashes(out) == before
 
 
 def test_train_refuses_a_checkpoint_of_another_shape(tmp_path):
@@ -306,9 +315,286 @@ def test_a_delta_that_empties_one_side_warns_and_the_run_completes(delta, traine
               "--dpo.max_steps", "2", "--ppo.prompts_per_step", "64", "--ppo.max_new_tokens", "4",
               "--ppo.eval_every", "0"])
     stdout = capsys.readouterr().out
-    n = len(torch.load(out / "pairs_resample.pt")[0])  # one resampled pair per distinct training prompt
+    n = len(torch.load(out / "pairs_resample.pt")["gaps"])  # one resampled pair per distinct training prompt
     assert f"warning: delta {delta} " + warning.format(n=n) in stdout
     assert (out / trained / "final.pt").exists() and not (out / skipped).exists()
     assert "| mpo |" in (out / "report.md").read_text()
     kept = [k for k in before if k.startswith(("sft/", "rm/")) or k == "pairs_resample.pt"]
     assert {k: hashes(out)[k] for k in kept} == {k: before[k] for k in kept}
+
+
+class Planted:
+    """A pickle whose loading would run code: it makes the directory `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sft/final.pt", "not a weights-only checkpoint (it calls posix.mkdir); refused: loading it "
+                     "could run code"),
+    ("rm/rm_ckpt.pt", "not a weights-only checkpoint (it calls posix.mkdir)"),
+    ("pairs_resample.pt", "not a weights-only checkpoint (it calls posix.mkdir)"),
+    ("truncated sft/final.pt", "cannot read checkpoint, truncated or corrupt ("),
+], ids=["final", "resume checkpoint", "pairs cache", "truncated"])
+def test_a_planted_or_torn_checkpoint_is_refused_and_runs_no_code(name, expected, whole, tmp_path, capsys):
+    out, marker = shutil.copytree(whole, tmp_path / "out"), tmp_path / "pwned"
+    path = out / name.split()[-1]
+    if name.startswith("truncated"):
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    else:
+        if name.startswith("rm/"):  # an unfinished RM: its checkpoint is what train() resumes from
+            (out / "rm" / "final.pt").unlink()
+        torch.save({"model": Planted(marker), "step": 1}, path)
+    before = hashes(out)
+    message = error_of(["--out", str(out), *TINY], capsys)
+    assert message.startswith(f"mpo: error: {path}: {expected}"), message
+    assert not marker.exists() and hashes(out) == before
+
+
+def test_ppo_refuses_a_planted_checkpoint(tmp_path):
+    torch.save({"policy": Planted(tmp_path / "pwned"), "iteration": 1}, tmp_path / "ppo_ckpt.pt")
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=257, block_size=32))
+    rm = ScalarModel(policy.config)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ppo_ckpt.pt'}: not a weights-only checkpoint"):
+        ppo(GPT(policy.config), policy, rm, ScalarModel(policy.config), [[1, 2]], get_tokenizer("byte"),
+            PPOConfig(device="cpu"), tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(whole, tmp_path,
+                                                                                                  capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; sys.path.insert(0, "
+                               f"{str(REPO)!r}); import train; train.lock_run_folder(Path({str(out)!r})); "
+                               "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = hashes(out)
+        message = error_of(["--out", str(out), *TINY], capsys)
+        assert message == (f"mpo: error: {out}: in use by another run (pid {holder.pid}, which holds {out / '.lock'}); "
+                           "wait for it to end, or use another --out")
+        assert hashes(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").read_text() == f"{holder.pid}\n"  # a killed holder leaves its pid, but no lock
+    import train
+    train.lock_run_folder(out)
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+    train.release_run_folders()
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--sft.lr", "0.001"], "sft: made with --sft.lr 0.003, this run has --sft.lr 0.001; rerun with the same flags, "
+                            "use another --out, or add --redo to redo sft and the stages after it"),
+    (["--seed", "1"], "sft: made with --seed 0, this run has --seed 1 (and 1 more); "),
+    (["--rm.margin", "0.5"], "rm: made with --rm.margin 0.0, this run has --rm.margin 0.5; "),
+    (["--split.batch_size", "8"], "pairs_resample: made with --split.batch_size 32, this run has "
+                                  "--split.batch_size 8;"),
+    (["--sft.batch_size", "16"], "sft: made with --sft.batch_size x --sft.grad_accum 32, this run has --sft.batch_size "
+                                 "x --sft.grad_accum 16; "),
+], ids=["lr", "seed", "rm", "pairs", "effective batch"])
+def test_a_rerun_with_other_flags_is_refused_naming_the_stage_and_the_flag(argv, expected, whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    assert error_of(["--out", str(out), *TINY, *argv], capsys).startswith("mpo: error: " + expected)
+    assert hashes(out) == before  # config.json and report.md too: they describe the run that made them
+
+
+def test_a_stage_without_a_record_is_refused(whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    (out / "sft" / "settings.json").unlink()  # as made by an mpo.py that recorded nothing
+    before = hashes(out)
+    message = error_of(["--out", str(out), *TINY], capsys)
+    assert message.startswith(f"mpo: error: sft: {out / 'sft'} has no record of the flags it was made with")
+    assert hashes(out) == before
+
+
+def test_flags_that_change_no_result_are_no_conflict_and_leftovers_are_cleared(whole, tmp_path, capsys):
+    """Bookkeeping, device and evaluation flags and the micro-batch split reuse the stages; a rerun also removes
+    temporary files of killed writes and tolerates a torn last metrics line."""
+    out = shutil.copytree(whole, tmp_path / "out")
+    (out / "sft" / ".final.pt.99999999.tmp").write_bytes(b"half a checkpoint")
+    (out / ".rm.99999999.tmp").mkdir()  # a folder --redo renamed before it was killed
+    with open(out / "rm" / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "rm", "st')
+    kept = {k: v for k, v in hashes(out).items() if k.startswith(("sft/", "rm/", "pairs_")) and ".tmp" not in k}
+    mpo.main(["--out", str(out), *TINY, "--sft.log_every", "7", "--sft.eval_every", "0", "--rm.ckpt_every", "3",
+              "--sft.batch_size", "16", "--sft.grad_accum", "2", "--eval.samples", "2", "--max_eval", "50",
+              "--dtype", "fp32", "--device", "cpu"])
+    stdout = capsys.readouterr().out
+    assert "sft: done in an earlier run" in stdout and "rm: done in an earlier run" in stdout
+    assert {k: hashes(out)[k] for k in kept} == kept
+    assert not list(out.rglob("*.tmp")) and (out / "report.md").exists()
+    assert '"sft.batch_size*sft.grad_accum": 32' in (out / "report.md").read_text()
+
+
+def test_redo_redoes_the_changed_stage_and_those_after_it_only(whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    mpo.main(["--out", str(out), *TINY, "--rm.lr", "1e-3", "--redo"])
+    stdout = capsys.readouterr().out
+    assert f"--redo: removed {out / 'rm'}, made with other settings" in stdout
+    assert f"--redo: removed {out / 'pairs_resample.pt'}" in stdout and "sft: done in an earlier run" in stdout
+    after = hashes(out)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("sft/"))  # upstream of the change: kept
+    assert after["rm/final.pt"] != before["rm/final.pt"] and after["pairs_resample.pt"] != before["pairs_resample.pt"]
+    assert json.loads((out / "rm" / "settings.json").read_text())["rm.lr"] == 1e-3
+    assert json.loads((out / "pairs_resample.json").read_text())["rm.lr"] == 1e-3
+    assert '"rm.lr": 0.001' in (out / "report.md").read_text() and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv, stopped", [
+    (["--methods", "mpo", "--split.quantile", "0", "--split.delta", "100", "--stop_after", "mpo_dpo"], "mpo_dpo"),
+    (["--methods", "", "--stop_after", "dpo_all"], "dpo_all"),
+], ids=["empty side", "not in methods"])
+def test_stop_after_a_skipped_stage_stops_there(argv, stopped, whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    mpo.main(["--out", str(out), *TINY, *argv])
+    assert f"stopped after {stopped} (skipped in this run), as --stop_after asked" in capsys.readouterr().out
+    after, rewritten = hashes(out), ("config.json", "split.jsonl")  # this run's flags; this run's split
+    assert ({k: v for k, v in after.items() if k not in rewritten}
+            == {k: v for k, v in before.items() if k not in rewritten})
+    assert set(after) == set(before)  # no MPO PPO stage, no new report
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--sft.batch_size", "0"], "argument --sft.batch_size: must be > 0, got 0"),
+    (["--sft.grad_accum", "0"], "argument --sft.grad_accum: must be > 0, got 0"),
+    (["--sft.log_every", "0"], "argument --sft.log_every: must be > 0, got 0"),
+    (["--sft.ckpt_every", "0"], "argument --sft.ckpt_every: must be > 0, got 0"),
+    (["--ppo.prompts_per_step", "0"], "argument --ppo.prompts_per_step: must be > 0, got 0"),
+    (["--ppo.micro_batch_size", "0"], "argument --ppo.micro_batch_size: must be > 0, got 0"),
+    (["--eval.samples", "0"], "argument --eval.samples: must be > 0, got 0"),
+    (["--max_response_len", "0"], "argument --max_response_len: must be > 0, got 0"),
+    (["--n_head", "3"], "argument --n_embd: must be a multiple of --n_head 3, got 32"),
+    (["--split.quantile", "1.5"], "argument --split.quantile: must be 0 (off) or in (0, 1), got 1.5"),
+    (["--ppo.kl_coef", "nan"], "argument --ppo.kl_coef: must be a finite number, got nan"),
+    (["--dpo.beta", "inf"], "argument --dpo.beta: must be a finite number, got inf"),
+    (["--split.delta", "-1"], "argument --split.delta: must be >= 0, got -1.0"),
+    (["--sft.lr", "-1"], "argument --sft.lr: must be > 0, got -1.0"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2^31), got -1"),
+    (["--ppo.top_p", "0"], "argument --ppo.top_p: must be in (0, 1], got 0.0"),
+    (["--ppo.max_new_tokens", "100"], "argument --ppo.max_new_tokens: must be at most --max_response_len 48"),
+    (["--ppo.num_minibatches", "65"], "argument --ppo.num_minibatches: must be at most --ppo.prompts_per_step x "),
+    (["--variants", "delta=-1"], "argument --variants 'delta=-1': --split.delta: must be >= 0, got -1.0"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_every_flag_is_checked_before_anything_runs(argv, expected, whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    with pytest.raises(SystemExit) as stop:
+        mpo.main(["--out", str(out), *TINY, *argv])
+    usage, error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and usage.startswith("usage: python mpo.py") and expected in error, error
+    assert hashes(out) == before
+
+
+def test_ctrl_c_stops_in_one_line_naming_the_stage(tmp_path):
+    out = tmp_path / "out"
+    run = cli(out)
+    deadline = time.time() + 120
+    while not logged_step(out / "sft" / "metrics.jsonl", 6)():
+        assert run.poll() is None and time.time() < deadline, run.communicate()[1][-2000:]
+        time.sleep(0.005)
+    run.send_signal(signal.SIGINT)
+    code, _, stderr = finish(run)
+    assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (f"mpo: interrupted in stage sft ({out / 'sft'}); rerun with the same "
+                                               "--out to resume")
+    assert (out / "sft" / "sft_ckpt.pt").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_full_disk_names_the_file(monkeypatch, tmp_path, capsys):
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 746")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    message = error_of(["--out", str(tmp_path / "out"), *TINY], capsys)
+    assert message == f"mpo: error: {tmp_path / 'out' / 'sft' / 'sft_ckpt.pt'}: cannot write (No space left on device)"
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_data_file_that_is_not_a_regular_file_is_refused_without_reading(kind, whole, tmp_path, capsys):
+    data = hh_files(tmp_path / "data")
+    path = data / "hh-rlhf" / "harmless-base" / "train.jsonl.gz"
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    signal.alarm(60)  # a read of the FIFO would block forever: fail instead
+    try:
+        message = error_of(["--dataset", "hh-rlhf", "--data_dir", str(data), "--out", str(out)], capsys)
+    finally:
+        signal.alarm(0)
+    assert message == f"mpo: error: {path}: not a regular file (a {'FIFO' if kind == 'fifo' else 'directory'})"
+    assert hashes(out) == before
+
+
+def tiny_hf_model(folder, **config):
+    """A 1-layer GPT saved in the Hugging Face layout, its config.json then overwritten with `config` (when given)."""
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=257, block_size=80)).save_pretrained(folder)
+    if config:
+        (folder / "config.json").write_text(json.dumps(config["config"]))
+    return folder
+
+
+GOOD_CONFIG = {"n_positions": 80, "vocab_size": 257, "n_layer": 1, "n_head": 2, "n_embd": 32}
+
+
+@pytest.mark.parametrize("config, expected", [
+    ([GOOD_CONFIG], "expected a JSON object, got list"),
+    ({k: v for k, v in GOOD_CONFIG.items() if k != "n_layer"},
+     "n_layer must be a positive int (at most 2^20), got None"),
+    ({**GOOD_CONFIG, "n_head": 0}, "n_head must be a positive int (at most 2^20), got 0"),
+    ({**GOOD_CONFIG, "n_head": 3}, "n_embd 32 is not a multiple of n_head 3"),
+    ({**GOOD_CONFIG, "n_layer": 1000000}, "n_layer 1000000, n_embd 32, n_positions 80 and vocab_size 257 imply "),
+], ids=["list", "no n_layer", "n_head 0", "n_head 3", "a million layers"])
+def test_a_hostile_init_config_is_refused_before_a_model_is_built(config, expected, whole, tmp_path, capsys):
+    init = tiny_hf_model(tmp_path / "gpt", config=config)
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = hashes(out)
+    message = error_of(["--out", str(out), *TINY, "--init", str(init)], capsys)
+    assert message.startswith(f"mpo: error: {init / 'config.json'}: {expected}"), message
+    assert hashes(out) == before
+
+
+def safetensors_blob(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("blob, expected", [
+    (safetensors_blob({"wte.weight": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8)),
+     "wte.weight shape '2' is not a list of non-negative ints"),
+    (safetensors_blob({"wte.weight": [1, 2]}, bytes(8)), "wte.weight is not an object"),
+    (safetensors_blob({"wte.weight": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+     "wte.weight data_offsets None is not a pair of ints"),
+    (safetensors_blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "a and b overlap"),
+    (safetensors_blob({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+     "a data_offsets out of range"),
+    ((200 << 20).to_bytes(8, "little") + b"{}", "bad header length"),
+], ids=["shape", "entry", "offsets", "overlap", "size", "header over the cap"])
+def test_a_malformed_safetensors_header_is_refused_before_its_data_is_read(blob, expected, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError) as error:
+        read_safetensors(path)
+    assert str(error.value) == f"{path}: corrupt safetensors header ({expected})"
+
+
+def test_a_line_longer_than_the_cap_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "long.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"chosen": "ok", "rejected": "no"}\n{"chosen": "' + b"a" * (MAX_LINE + 10) + b'"}\n')
+    with pytest.raises(DataError) as error:
+        list(read_jsonl(path))
+    assert str(error.value) == f"{path}:2: line longer than 16 MiB"
