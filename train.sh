@@ -14,21 +14,24 @@ OUT=out/$DATASET-$MODEL
 if [ "$DATASET" = tldr ]; then DELTA=2; else DELTA=1; fi  # author: delta 1 on HH-RLHF, 2 on TL;DR
 if [ "$MODEL" = gpt2-medium ]; then MB=4; ACC=32; else MB=8; ACC=16; fi  # same effective batch, less memory
 FLAGS=(
-  --dataset "$DATASET" --init "$MODEL" --out "$OUT" --max_prompt_len 256 --max_response_len 256 --seed 0
+  --dataset "$DATASET" --init "$MODEL" --out "$OUT" --max_prompt_len 512 --max_response_len 256 --seed 0
   --methods dpo_all,ppo_all,mpo --eval.prompts 500
-  # SFT on prompt + chosen response (DeepSpeed-Chat step 1: lr 9.65e-6, cosine, 1 epoch)
-  --sft.lr 9.65e-6 --sft.batch_size $MB --sft.grad_accum $((ACC / 2)) --sft.epochs 1 --sft.decay cosine
-  --sft.warmup_steps 0 --sft.weight_decay 0
-  # Reward model from the base model (author), Bradley-Terry on the human pairs (DeepSpeed-Chat step 2)
-  --rm.init base --rm.lr 5e-5 --rm.batch_size $MB --rm.grad_accum $((ACC / 2)) --rm.epochs 1 --rm.weight_decay 0.1
-  # Pairs to split: two SFT samples per training prompt (T 1.0, top-k 50, top-p 0.9) ranked by the RM
-  --split.source resample --split.delta $DELTA
-  # DPO (MPO stage 1 on the easy pairs, and the dpo_all baseline): beta 0.3, lr 5e-6, batch 128, 1 epoch
-  --dpo.beta 0.3 --dpo.lr 5e-6 --dpo.batch_size $MB --dpo.grad_accum $ACC --dpo.epochs 1
-  # PPO (MPO stage 2 on the hard prompts from the DPO model, and the ppo_all baseline); critic from the RM
-  --ppo.kl_coef 0.4 --ppo.kl_clamp true --ppo.actor_lr 3e-6 --ppo.critic_lr 5e-6 --ppo.prompts_per_step 16
-  --ppo.samples_per_prompt 2 --ppo.ppo_epochs 1 --ppo.passes 1 --ppo.reward_clip 5 --ppo.gamma 1.0 --ppo.lam 0.95
-  --ppo.clip_range 0.2 --ppo.clip_range_value 0.2
+  # SFT on prompt + chosen response (author: lr 5e-5, 500 warm-up steps, cosine, 1 epoch)
+  --sft.lr 5e-5 --sft.warmup_steps 500 --sft.batch_size $MB --sft.grad_accum $((ACC / 4)) --sft.epochs 1
+  --sft.decay cosine --sft.weight_decay 0
+  # Reward model from the base model, Bradley-Terry on the human pairs (author: lr 5e-6; DS-Chat: decay 0.1)
+  --rm.init base --rm.lr 5e-6 --rm.batch_size $MB --rm.grad_accum $((ACC / 2)) --rm.epochs 1 --rm.weight_decay 0.1
+  # Pairs to split: two SFT samples per comparison row (T 1.0, top-k 50, top-p 0.9) ranked by the RM
+  --split.source resample --split.pairs_per_row true --split.delta $DELTA
+  # DPO (MPO stage 1 on the easy pairs, and the dpo_all baseline): beta 0.3, lr 5e-6, 100 warm-up steps,
+  # batch 128, 1 epoch
+  --dpo.beta 0.3 --dpo.lr 5e-6 --dpo.warmup_steps 100 --dpo.batch_size $MB --dpo.grad_accum $ACC --dpo.epochs 1
+  # PPO (MPO stage 2 on the hard prompts from the DPO model, and the ppo_all baseline); critic from the RM;
+  # warm-up 100 iterations then cosine, no advantage whitening (author)
+  --ppo.kl_coef 0.4 --ppo.kl_clamp true --ppo.actor_lr 3e-6 --ppo.critic_lr 5e-6 --ppo.warmup_steps 100
+  --ppo.decay cosine --ppo.whiten_advantages false --ppo.prompts_per_step 16 --ppo.samples_per_prompt 2
+  --ppo.ppo_epochs 1 --ppo.passes 1 --ppo.reward_clip 5 --ppo.gamma 1.0 --ppo.lam 0.95 --ppo.clip_range 0.2
+  --ppo.clip_range_value 0.2
 )
 RUN=(python mpo.py "${FLAGS[@]}" "${EXTRA[@]}")
 
