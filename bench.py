@@ -212,8 +212,8 @@ def run_benchmarks(args, device, dtype):
         score_flops = 2 * B * (2 * (body + n_head * r) + body + n_body * (P + r))
         update_flops = 6 * B * args.ppo_epochs * (2 * body + n_head * r)
         estimate = memory_estimate(config, B, P + R, R, trained=2, frozen=2, bf16=dtype == "bf16")
-        report("ppo_iteration", seconds, mem, B * r, gen_flops + score_flops + update_flops, s_per_iter=round(seconds, 3),
-               est_mem_mb=round(estimate["total"] / 2**20),
+        report("ppo_iteration", seconds, mem, B * r, gen_flops + score_flops + update_flops,
+               s_per_iter=round(seconds, 3), est_mem_mb=round(estimate["total"] / 2**20),
                prompts=B, prompt_len=P, new_tokens=r, ppo_epochs=args.ppo_epochs, minibatches=1,
                generate_s=round(generate_s, 3), score_s=round(score_s, 3), update_s=round(update_s, 3))
 

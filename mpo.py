@@ -605,8 +605,9 @@ def run_pipeline(cfgs: dict) -> Path:
     torch.manual_seed(run.seed)
     task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
     tok = get_tokenizer(task.tokenizer)
-    enc = lambda items, name, kept=None: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name,  # noqa: E731
-                                                        task.prompt_cut, kept)
+    def enc(items, name, kept=None):
+        return encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name, task.prompt_cut, kept)
+
     limit, eval_limit = run.max_train or None, run.max_eval or None
     sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval[:eval_limit], "sft_eval")
     pairs, pairs_eval = enc(task.pairs_train[:limit], "pairs_train"), enc(task.pairs_eval[:eval_limit], "pairs_eval")
@@ -651,7 +652,9 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
         ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after, rec["rm"])
-    pairs_of = lambda s: cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])  # noqa: E731
+    def pairs_of(s):
+        return cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
+
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if run.stop_after == "split":
@@ -736,7 +739,8 @@ LIMITS = {
                      "eval.samples"), POSITIVE),
     **dict.fromkeys(("*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",
                      "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
-                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples", "eval.temperature",
+                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples",
+                     "eval.temperature",
                      "eval.tie", "eval.show"), AT_LEAST_0),
     "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),

@@ -212,7 +212,8 @@ def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device) -> di
     def decode_step(n):
         prompts = ids(n, max(1, seq_len // 2))
         with autocast(device):
-            one, nine = (timed(lambda k=k: model.generate(prompts, k, generator=torch.Generator(device))) for k in (1, 9))
+            one, nine = (timed(lambda k=k: model.generate(prompts, k, generator=torch.Generator(device)))
+                         for k in (1, 9))
         return max(nine - one, 1e-9) / 8
 
     times = {"train_step": timed(step), **{f"decode_step_{n}": decode_step(n) for n in sample_rows}}
@@ -561,7 +562,8 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
         if is_main():
             with open(log_path, "a") as f:
-                f.write(json.dumps({"stage": stage, "step": step, "split": split, "time": timestamp(), **metrics}) + "\n")
+                record = {"stage": stage, "step": step, "split": split, "time": timestamp(), **metrics}
+                f.write(json.dumps(record) + "\n")
         # On a terminal one line is rewritten in place (\r, then clear to the end of the line).
         print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
 
