@@ -429,12 +429,12 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, rows, collate, batch_size: int, device) -> dict:
+def evaluate(model, loss_fn, rows, collate, batch_size: int, device, name: str = "eval") -> dict:
     """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch.
     Under torchrun each rank evaluates its shard of the rows and the sums are gathered."""
     model.eval()
     sums, mine = {}, shard(rows)
-    for i in range(0, len(mine), batch_size):
+    for i in progress(range(0, len(mine), batch_size), name):
         chunk = mine[i:i + batch_size]
         with autocast(device):
             loss, metrics = loss_fn(model, to_device(collate(chunk), device))
@@ -568,7 +568,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
 
     def run_eval():
-        metrics = evaluate(fwd, loss_fn, eval_data, collate, cfg.batch_size, device)
+        metrics = evaluate(fwd, loss_fn, eval_data, collate, cfg.batch_size, device, f"{stage} eval")
         log("eval", metrics, f"{stage} eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     fwd = torch.compile(model) if cfg.compile else model
