@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer, load_task
+from data import (TOKENIZERS, DemoConfig, collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer,
+                  load_gold_reward, load_task)
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
@@ -78,6 +79,10 @@ class RMConfig(TrainConfig):
     margin: float = 0.0        # Bradley-Terry margin: chosen must win by this much (Llama 2)
     center_coef: float = 0.0   # reward centring, coef * (r_c + r_r)^2 (Eisenstein et al. 2023)
     init: str = "base"         # the pipeline starts the RM from "base" (author) or "sft"
+    n_layer: int = 0           # the RM's own shape, trained from scratch; 0 = the policy's (and init above)
+    n_head: int = 0
+    n_embd: int = 0
+    normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std 1 (N+ detail 11)
 
 
 def last_token_scores(rm, batch):
@@ -143,20 +148,23 @@ def score_pairs(rm, pairs, batch_size, device):
 
 def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, reference_examples=None):
     """Train a ScalarModel on encoded pairs with the Bradley-Terry loss; returns (rm, metrics). With
-    `reference_examples` (encoded SFT (prompt, response) rows), the head's offset is then set so they
-    score 0 on average (N+ reward normalisation)."""
+    `reference_examples` (encoded SFT (prompt, response) rows), the head's offset and gain are then set
+    so they score mean 0 and standard deviation 1 (N+ reward normalisation): a gap is then in units of
+    the spread of SFT responses, a scale on which a threshold such as delta = 1 means the same on any RM."""
     def loss_fn(model, batch):
         return reward_model_loss(model, batch, cfg)
 
     metrics = train(rm, loss_fn, pairs, eval_pairs, cfg, out_dir, "rm", collate_pairs, key_metric="accuracy")
     device = pick_device(cfg.device)
+    if reference_examples:
+        rm.offset.zero_(), rm.gain.fill_(1.0)  # measure the raw head output
+        raw = torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device))
+        rm.offset.fill_(raw.mean()), rm.gain.fill_(1 / raw.std().clamp_min(1e-6))
+        metrics |= {"offset": float(rm.offset), "gain": float(rm.gain)}
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
-    if reference_examples:
-        rm.offset.zero_()  # scores are head output - offset: measure them without one
-        rm.offset.fill_(torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device)).mean())
-        metrics["offset"] = float(rm.offset)
+        metrics["eval/gaps"] = (chosen - rejected).tolist()  # the report sets them beside the gold gaps
     return rm, metrics
 
 
@@ -248,6 +256,38 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
                                       "easy_pairs": len(easy_pairs), "hard_prompts": len(hard_prompts)}
 
 
+def gold_gaps(gold_reward, tok, rows) -> torch.Tensor:
+    """gold(prompt, chosen) - gold(prompt, rejected) of encoded (prompt, chosen, rejected) rows."""
+    text = lambda ids: tok.decode([t for t in ids if t != tok.eot_token])  # noqa: E731
+    return torch.tensor([gold_reward(text(p), text(c)) - gold_reward(text(p), text(r)) for p, c, r in rows])
+
+
+def agreement(gaps, gold) -> float | None:
+    """Share of pairs ranked as gold ranks them (gold ties count half); None for no pairs."""
+    return float(((gaps * gold > 0).float() + 0.5 * (gold == 0).float()).mean()) if len(gold) else None
+
+
+def gold_checks(gold_reward, tok, eval_pairs, eval_gaps, rows, gaps, delta) -> dict:
+    """The RM and the split against a task's gold reward. On held-out pairs: the RM's accuracy against the
+    labels beside the label ceiling (the labels' own agreement with gold: a perfect RM would score it),
+    overall and per |RM gap| bucket. On the pairs split (the resampled ones by default): the RM's
+    agreement with gold on each side and the Pearson correlation of the RM gap with the gold gap."""
+    eval_gaps, gold = torch.tensor(eval_gaps), gold_gaps(gold_reward, tok, eval_pairs)
+    ones = torch.ones_like(gold)
+    by_gap = {}
+    for low, high, name in GAP_BUCKETS:
+        inside = (eval_gaps.abs() >= low) & (eval_gaps.abs() < high)
+        by_gap[name] = {"accuracy": agreement(eval_gaps[inside], ones[inside]),
+                        "ceiling": agreement(ones[inside], gold[inside]),
+                        "rm_vs_gold": agreement(eval_gaps[inside], gold[inside]), "pairs": int(inside.sum())}
+    split_gold = gold_gaps(gold_reward, tok, rows)
+    easy = gaps.abs() >= delta
+    pearson = float(torch.corrcoef(torch.stack([gaps.float(), split_gold]))[0, 1]) if len(gaps) > 1 else None
+    return {"accuracy": agreement(eval_gaps, ones), "ceiling": agreement(ones, gold), "by_gap": by_gap,
+            "easy_vs_gold": agreement(gaps[easy], split_gold[easy]), "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
+            "pearson": pearson}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: every model against the SFT model on held-out prompts
 
@@ -302,12 +342,16 @@ def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, 
 
 @dataclass
 class RunConfig:
-    dataset: str = "demo"          # demo | hh-rlhf | tldr
+    dataset: str = "demo"          # demo | jsonl (your own files in --data_dir) | hh-rlhf | tldr
+    preset: str = ""               # "demo": the demo's sizes and hyper-parameters (below) on any dataset
+    tokenizer: str = ""            # gpt2 | byte | demo; "" = the dataset's own (demo: demo, others: gpt2)
+    gold_reward: str = ""          # FILE.py:FUNCTION, a (prompt, response) -> float scoring the evaluation
+    data_seed: int = 0             # the demo's generator and the shuffle of the data; --seed is training's
     init: str = ""                 # Hugging Face GPT-2 folder or hub name (gpt2, gpt2-medium, ...); "" = fresh GPT
     n_layer: int = 2               # shape of a fresh GPT (init "")
     n_head: int = 4
     n_embd: int = 128
-    data_dir: str = ""             # local data files laid out like the download cache
+    data_dir: str = ""             # jsonl: the task's folder; hh-rlhf / tldr: files laid out like the cache
     template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
     max_prompt_len: int = 256      # tokens; prompts are cut from the left (DeepSpeed-Chat: 256)
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
@@ -429,8 +473,10 @@ def run_pipeline(cfgs: dict) -> Path:
     out = Path(run.out or f"out/{run.dataset}")
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
-    task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
-    tok = get_tokenizer(task.tokenizer)
+    task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, cfgs["demo"])
+    if run.gold_reward:  # tried once here, before anything under --out changes
+        task.gold_reward = load_gold_reward(run.gold_reward, (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen))
+    tok = get_tokenizer(run.tokenizer or task.tokenizer)
     enc = lambda items, name: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name)  # noqa: E731
     limit, eval_limit = run.max_train or None, run.max_eval or None
     sft_rows, sft_eval = enc(task.sft_train[:limit], "sft_train"), enc(task.sft_eval[:eval_limit], "sft_eval")
@@ -449,12 +495,19 @@ def run_pipeline(cfgs: dict) -> Path:
 
     sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval), run.stop_after)
     torch.manual_seed(run.seed)  # the RM head's init: the same whether SFT ran now or was loaded (resume)
-    rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
-    rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
-        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after)
+    rm_cfg = cfgs["rm"]
+    rm_config = replace(base.config, **{k: getattr(rm_cfg, k) or getattr(base.config, k)
+                                        for k in ("n_layer", "n_head", "n_embd")})
+    rm_init = base if rm_cfg.init == "base" else sft_model  # author: the RM starts from the base LM
+    start_rm = (lambda: ScalarModel.from_gpt(rm_init)) if rm_config == base.config else (lambda: ScalarModel(rm_config))
+    rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(rm_config), lambda d: train_reward_model(
+        start_rm(), pairs, rm_cfg, d, pairs_eval, sft_eval if rm_cfg.normalize else None), run.stop_after)
     pairs_of = lambda source: cached_pairs(out, source, sft_model, rm, pairs, tok, run, split.batch_size, device)  # noqa: E731
     rows, gaps = pairs_of(split.source)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
+    if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
+        rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, rm_metrics["eval/gaps"], rows, gaps,
+                                         split_stats["delta"])
     if run.stop_after == "split":
         raise StopAfter("split")
 
@@ -479,22 +532,22 @@ def run_pipeline(cfgs: dict) -> Path:
                                             task.gold_reward)
 
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device)
-    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
+    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, task.gold_best)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line: one flag per dataclass field, --<group>.<field>; the run's own fields have no prefix
 
 CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig,
-           "ppo": PPOConfig, "eval": EvalConfig}
-# The demo: a tiny byte-level GPT trained from scratch on 2 CPU cores, so larger learning rates, shorter
-# budgets and the RM started from the SFT model (a random "base" knows nothing); the real datasets
-# keep the author's values above.
+           "ppo": PPOConfig, "eval": EvalConfig, "demo": DemoConfig}
+# The demo preset (--preset demo; --dataset demo implies it): a tiny GPT trained from scratch on 2 CPU
+# cores, so larger learning rates, shorter budgets, the RM started from the SFT model (a random "base"
+# knows nothing) and normalised so that the author's delta = 1 is one standard deviation of the SFT
+# responses' scores; the real datasets keep the author's values above.
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
-        "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", eval_every=100,
-                   log_every=10),
-        "split": dict(quantile=0.5),  # this RM's gaps are small (most |gap| < 1): split at the median instead
+        "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", normalize=True,
+                   eval_every=100, log_every=10),
         "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
                     critic_lr=3e-4, kl_coef=0.05, eval_every=5),
@@ -502,7 +555,8 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
 
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
-CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+CHOICES = {"run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"), "run.preset": ("", "demo"),
+           "run.tokenizer": ("", *TOKENIZERS), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
@@ -538,11 +592,13 @@ def field_help(cls) -> dict:
 
 
 def parse_args(argv=None) -> dict:
-    """{group: config}: dataclass defaults, then the demo's values (--dataset demo), then the flags given.
+    """{group: config}: dataclass defaults, then the demo preset's values (--preset demo, implied by --dataset
+    demo), then the flags given.
     The run's device, seed and response length are every stage's unless a stage's own flag says otherwise."""
     parser = argparse.ArgumentParser(
-        usage="python mpo.py [--dataset demo|hh-rlhf|tldr] [--init gpt2] [--out DIR] [--GROUP.FIELD VALUE ...]",
-        description=__doc__.split("\n\n")[0], epilog="demo values, where they differ: " + "; ".join(
+        usage="python mpo.py [--dataset demo|jsonl|hh-rlhf|tldr] [--preset demo] [--init gpt2] [--out DIR] "
+              "[--GROUP.FIELD VALUE ...]",
+        description=__doc__.split("\n\n")[0], epilog="--preset demo (implied by --dataset demo) sets: " + "; ".join(
             f"{g}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for g, d in DEMO.items()))
     for group, cls in CONFIGS.items():
         section, helps = parser.add_argument_group(f"{group} ({cls.__name__})"), field_help(cls)
@@ -558,7 +614,8 @@ def parse_args(argv=None) -> dict:
         if value is not None:
             group, name = key.split(".", 1)
             given.setdefault(group, {})[name] = value
-    demo = given.get("run", {}).get("dataset", RunConfig.dataset) == "demo"
+    demo = (given.get("run", {}).get("dataset", RunConfig.dataset) == "demo"
+            or given.get("run", {}).get("preset", RunConfig.preset) == "demo")
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
