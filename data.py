@@ -20,7 +20,11 @@ SFT responses are drawn from a broad mixture (topic words, neutral and other top
 clashing words, occasional repeats and wrong lengths): gold -0.2 on average with std 1.7, while the
 best response to a prompt scores 3.25 to 6 (4.8 on average). Preference labels follow Bradley-Terry,
 P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs are noisy like human
-labels. Evaluation prompts are held out: they never appear in the training data.
+labels. Evaluation prompts are held out: they never appear in the training data. The demo's tokenizer
+(`demo_tokenizer`) makes every word one token, so the policy cannot misspell and a reader reads words.
+
+A user's own task (`--dataset jsonl`, read_jsonl_task) is a folder of JSON-lines files in TRL's formats,
+with an optional gold reward imported from the user's file (load_gold_reward).
 """
 import gzip
 import importlib.util
@@ -405,10 +409,10 @@ def demo_gold_reward(prompt: str, response: str) -> float:
 class DemoConfig:
     """Knobs of the synthetic demo task (described in this file's docstring); its seed is --data_seed."""
     sft_train: int = 3000
-    sft_eval: int = 500         # held-out SFT rows: the stage evaluation and the RM normalisation
-    pairs_train: int = 12000  # many: a tiny RM learns the noisy preferences slowly
-    pairs_eval: int = 1000       # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
-    prompts_eval: int = 150  # held-out prompts; sft_eval and pairs_eval use only these
+    sft_eval: int = 500             # held-out SFT rows: the stage evaluation and the RM normalisation
+    pairs_train: int = 40000        # many: a tiny RM learns the noisy preferences slowly
+    pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
+    prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels
 
 
