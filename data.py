@@ -410,7 +410,7 @@ class DemoConfig:
     """Knobs of the synthetic demo task (described in this file's docstring); its seed is --data_seed."""
     sft_train: int = 3000
     sft_eval: int = 500             # held-out SFT rows: the stage evaluation and the RM normalisation
-    pairs_train: int = 40000        # many: a tiny RM learns the noisy preferences slowly
+    pairs_train: int = 100000       # many: a tiny RM learns the noisy preferences slowly (fresh pairs beat epochs)
     pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
     prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels
@@ -449,16 +449,16 @@ def demo_best_gold(prompt: str) -> float:
 
 
 def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
-    rng = random.Random(seed)
     space = [(t, n, b) for t in DEMO_TOPICS for n in DEMO_COUNTS for b in DEMO_WORDS]  # 648 prompts
-    held = rng.sample(space, cfg.prompts_eval)
+    held = random.Random(seed).sample(space, cfg.prompts_eval)
     train = sorted(set(space) - set(held))
 
-    def sft(k, prompts):
+    def sft(k, prompts, part):
+        rng = random.Random(f"{seed}:{part}")  # one stream per part: more training pairs, same held-out ones
         return [(demo_prompt(*p), _demo_response(rng, p[0], p[1])) for p in rng.choices(prompts, k=k)]
 
-    def pairs(k, prompts):
-        out = []
+    def pairs(k, prompts, part):
+        out, rng = [], random.Random(f"{seed}:{part}")
         while len(out) < k:
             p = rng.choice(prompts)
             prompt, a, b = demo_prompt(*p), _demo_response(rng, p[0], p[1]), _demo_response(rng, p[0], p[1])
@@ -471,8 +471,8 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
             out.append(Pair(prompt, a, b) if rng.random() < p_a else Pair(prompt, b, a))
         return out
 
-    return Task("demo", sft(cfg.sft_train, train), sft(cfg.sft_eval, held), pairs(cfg.pairs_train, train),
-                pairs(cfg.pairs_eval, held), [demo_prompt(*p) for p in held], demo_gold_reward, "demo",
+    return Task("demo", sft(cfg.sft_train, train, "sft_train"), sft(cfg.sft_eval, held, "sft_eval"),
+                pairs(cfg.pairs_train, train, "pairs_train"), pairs(cfg.pairs_eval, held, "pairs_eval"), [demo_prompt(*p) for p in held], demo_gold_reward, "demo",
                 sum(demo_best_gold(demo_prompt(*p)) for p in held) / len(held))
 
 

@@ -150,7 +150,10 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     """Train a ScalarModel on encoded pairs with the Bradley-Terry loss; returns (rm, metrics). With
     `reference_examples` (encoded SFT (prompt, response) rows), the head's offset and gain are then set
     so they score mean 0 and standard deviation 1 (N+ reward normalisation): a gap is then in units of
-    the spread of SFT responses, a scale on which a threshold such as delta = 1 means the same on any RM."""
+    the spread of SFT responses, a scale on which a threshold such as delta = 1 means the same on any RM.
+    The spread is measured among responses to the same prompt (pooled over the prompts that have several)
+    when there are such prompts: Bradley-Terry leaves each prompt's score level free, and those levels
+    would otherwise swell the std that a gap between two responses to one prompt is divided by."""
     def loss_fn(model, batch):
         return reward_model_loss(model, batch, cfg)
 
@@ -159,8 +162,15 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     if reference_examples:
         rm.offset.zero_(), rm.gain.fill_(1.0)  # measure the raw head output
         raw = torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device))
-        rm.offset.fill_(raw.mean()), rm.gain.fill_(1 / raw.std().clamp_min(1e-6))
-        metrics |= {"offset": float(rm.offset), "gain": float(rm.gain)}
+        ids = {}
+        group = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p, _ in reference_examples])  # prompt index
+        counts = torch.bincount(group).float()
+        within = raw - (torch.zeros(len(ids)).index_add(0, group, raw) / counts)[group]  # minus its prompt's mean
+        dof = int((counts - 1).sum())
+        std = (within.square().sum() / dof).sqrt() if dof > 0 else raw.std()
+        rm.offset.fill_(raw.mean()), rm.gain.fill_(1 / std.clamp_min(1e-6))
+        metrics |= {"offset": float(rm.offset), "gain": float(rm.gain), "gain_from": "within prompts" if dof > 0
+                    else "all responses"}
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
@@ -542,12 +552,12 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
            "ppo": PPOConfig, "eval": EvalConfig, "demo": DemoConfig}
 # The demo preset (--preset demo; --dataset demo implies it): a tiny GPT trained from scratch on 2 CPU
 # cores, so larger learning rates and shorter budgets; an RM of its own narrower shape trained from
-# scratch for 3 epochs (the budget its held-out accuracy needed), normalised so that the author's
+# scratch for 2 epochs of 100k pairs (the budget its held-out accuracy needed), normalised so that the author's
 # delta = 1 is one standard deviation of the SFT responses' scores; the real datasets keep the author's values.
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
-        "rm": dict(n_embd=64, lr=1e-3, batch_size=32, grad_accum=1, epochs=3.0, weight_decay=0.0, normalize=True,
-                   eval_every=500, log_every=50),  # its own narrower shape, from scratch: it learns the pairs faster
+        "rm": dict(n_embd=64, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=100, weight_decay=0.0,
+                   normalize=True, eval_every=1000, log_every=50),  # its own narrower shape, from scratch: it learns faster
         "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
                     critic_lr=3e-4, kl_coef=0.05, eval_every=5),
@@ -636,8 +646,8 @@ def parse_args(argv=None) -> dict:
 
 
 def with_split(split: SplitConfig, overrides: dict) -> SplitConfig:
-    """split with the overrides; a delta given without a quantile switches the quantile off (the demo's
-    default quantile would otherwise silently win over it)."""
+    """split with the overrides; a delta given without a quantile switches the quantile off (a --split.quantile
+    would otherwise silently win over a variant's delta)."""
     return replace(split, **({"quantile": 0.0} if "delta" in overrides and "quantile" not in overrides else {}),
                    **overrides)
 

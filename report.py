@@ -110,7 +110,8 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              f"{split_stats['easy_pairs']} easy pairs for DPO ({split_stats['easy_pairs'] / max(split_stats['pairs'], 1):.1%} "
              f"at or above delta), {split_stats['hard_prompts']} hard prompts for PPO "
              "(every pair with its gap and side: `split.jsonl`)"
-             + (f"; scores normalised so SFT responses have mean 0 and std 1 (gain {rm_metrics['gain']:.3g})"
+             + (f"; scores normalised so SFT responses have mean 0 and std 1 ({rm_metrics['gain_from']}; gain "
+                f"{rm_metrics['gain']:.3g})"
                 if "gain" in rm_metrics else "") + ". The reward model's accuracy on held-out pairs by |gap|, the "
              "table the threshold rests on" + ("; `ceiling` is the labels' own agreement with the gold reward on the "
                                                "same pairs (what a perfect RM would score), `rm_vs_gold` the RM's" if checks else "")
