@@ -45,7 +45,7 @@ import torch
 from model import download_file
 
 EOT = "<|endoftext|>"
-TOKENIZERS = ("gpt2", "byte", "demo")
+TOKENIZERS = ("byte", "gpt2", "demo")
 GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
                     "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6, r50k_base.tiktoken as "
                     "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")

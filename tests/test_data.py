@@ -355,7 +355,7 @@ def test_load_task_tldr_from_data_dir(tmp_path, monkeypatch):
 def test_load_task_unknown_name():
     with pytest.raises(ValueError) as e:
         data.load_task("imdb")
-    assert "\n" not in str(e.value) and "demo, hh-rlhf, tldr" in str(e.value)
+    assert "\n" not in str(e.value) and "demo, jsonl, hh-rlhf, tldr" in str(e.value)
 
 
 def gold_gaps(pairs):
