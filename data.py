@@ -472,7 +472,8 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
         return out
 
     return Task("demo", sft(cfg.sft_train, train, "sft_train"), sft(cfg.sft_eval, held, "sft_eval"),
-                pairs(cfg.pairs_train, train, "pairs_train"), pairs(cfg.pairs_eval, held, "pairs_eval"), [demo_prompt(*p) for p in held], demo_gold_reward, "demo",
+                pairs(cfg.pairs_train, train, "pairs_train"), pairs(cfg.pairs_eval, held, "pairs_eval"),
+                [demo_prompt(*p) for p in held], demo_gold_reward, "demo",
                 sum(demo_best_gold(demo_prompt(*p)) for p in held) / len(held))
 
 

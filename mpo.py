@@ -294,7 +294,8 @@ def gold_checks(gold_reward, tok, eval_pairs, eval_gaps, rows, gaps, delta) -> d
     easy = gaps.abs() >= delta
     pearson = float(torch.corrcoef(torch.stack([gaps.float(), split_gold]))[0, 1]) if len(gaps) > 1 else None
     return {"accuracy": agreement(eval_gaps, ones), "ceiling": agreement(ones, gold), "by_gap": by_gap,
-            "easy_vs_gold": agreement(gaps[easy], split_gold[easy]), "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
+            "easy_vs_gold": agreement(gaps[easy], split_gold[easy]),
+            "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
             "pearson": pearson}
 
 
@@ -557,7 +558,7 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
         "rm": dict(n_embd=64, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=100, weight_decay=0.0,
-                   normalize=True, eval_every=1000, log_every=50),  # its own narrower shape, from scratch: it learns faster
+                   normalize=True, eval_every=1000, log_every=50),  # its own narrower shape, from scratch
         "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, eval_every=0, log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4,
                     critic_lr=3e-4, kl_coef=0.05, eval_every=5),

@@ -99,7 +99,8 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
              *table(results, cols), "",
              *([f"Room to improve: the best gold reward achievable on these prompts is {gold_best:.3f} on average, "
-                f"the SFT model's mean gold {results['sft']['gold']:.3f} ({gold_best - results['sft']['gold']:+.3f}).", ""]
+                f"the SFT model's mean gold {results['sft']['gold']:.3f} "
+                f"({gold_best - results['sft']['gold']:+.3f}).", ""]
                if gold_best is not None and key == "gold" else []),
              f"Highest {key}: **{best}**. " + " ".join(
                  f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
@@ -107,14 +108,15 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
                  for n in ("mpo", *variants) if n in results), "", "![reward vs KL](frontier.png)", "",
              "## The split", "",
              f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
-             f"{split_stats['easy_pairs']} easy pairs for DPO ({split_stats['easy_pairs'] / max(split_stats['pairs'], 1):.1%} "
-             f"at or above delta), {split_stats['hard_prompts']} hard prompts for PPO "
+             f"{split_stats['easy_pairs']} easy pairs for DPO "
+             f"({split_stats['easy_pairs'] / max(split_stats['pairs'], 1):.1%} at or above delta), {split_stats['hard_prompts']} hard prompts for PPO "
              "(every pair with its gap and side: `split.jsonl`)"
              + (f"; scores normalised so SFT responses have mean 0 and std 1 ({rm_metrics['gain_from']}; gain "
                 f"{rm_metrics['gain']:.3g})"
                 if "gain" in rm_metrics else "") + ". The reward model's accuracy on held-out pairs by |gap|, the "
-             "table the threshold rests on" + ("; `ceiling` is the labels' own agreement with the gold reward on the "
-                                               "same pairs (what a perfect RM would score), `rm_vs_gold` the RM's" if checks else "")
+             "table the threshold rests on" + ("; `ceiling` is the labels' own agreement with the gold reward on "
+                                               "the same pairs (what a perfect RM would score), `rm_vs_gold` the RM's"
+                                               if checks else "")
              + ":", "",
              *table({b: v for b, v in by_gap.items()}, ["accuracy", "ceiling", "rm_vs_gold", "pairs"] if checks
                     else ["accuracy", "pairs"]), ""]
