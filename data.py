@@ -20,9 +20,14 @@ SFT responses are drawn from a broad mixture (topic words, neutral and other top
 clashing words, occasional repeats and wrong lengths): gold -0.2 on average with std 1.7, while the
 best response to a prompt scores 3.25 to 6 (4.8 on average). Preference labels follow Bradley-Terry,
 P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs are noisy like human
-labels. Evaluation prompts are held out: they never appear in the training data.
+labels. Evaluation prompts are held out: they never appear in the training data. The demo's tokenizer
+(`demo_tokenizer`) makes every word one token, so the policy cannot misspell and a reader reads words.
+
+A user's own task (`--dataset jsonl`, read_jsonl_task) is a folder of JSON-lines files in TRL's formats,
+with an optional gold reward imported from the user's file (load_gold_reward).
 """
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -40,13 +45,17 @@ import torch
 from model import download_file, regular_file
 
 EOT = "<|endoftext|>"
+TOKENIZERS = ("byte", "gpt2", "demo")
 GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
                     "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6, r50k_base.tiktoken as "
                     "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
 
 
 def get_tokenizer(name: str) -> tiktoken.Encoding:
-    """"gpt2": GPT-2 BPE (50257 tokens). "byte": 256 byte tokens + <|endoftext|> = 256, built here."""
+    """"gpt2": GPT-2 BPE (50257 tokens). "byte": 256 byte tokens + <|endoftext|> = 256, built here.
+    "demo": the bytes, then one token per word of the demo task (see demo_tokenizer)."""
+    if name == "demo":
+        return demo_tokenizer()
     if name == "byte":
         # No merges: every byte is a token, so any text (any language, any garbage a policy samples)
         # round-trips exactly, with a 257-entry vocabulary small enough for a CPU-sized model.
@@ -59,7 +68,7 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
         except Exception as e:  # tiktoken fetches its BPE files on first use (requests, hash checks)
             raise RuntimeError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
                                f"TIKTOKEN_CACHE_DIR to a folder holding {GPT2_CACHE_FILES}") from None
-    raise ValueError(f"unknown tokenizer {name!r} (valid: byte, gpt2)")
+    raise ValueError(f"unknown tokenizer {name!r} (valid: {', '.join(TOKENIZERS)})")
 
 
 def _ids(tok: tiktoken.Encoding, text: str) -> list[int]:
@@ -313,8 +322,70 @@ class Task:
     prompts_eval: list[str]
     gold_reward: Callable[[str, str], float] | None
     tokenizer: str
+    gold_best: float | None = None  # mean over the held-out prompts of the best gold reward achievable
     prompt_cut: str = "left"  # how an over-long prompt is cut: "left", "turns" (HH-RLHF), "post" (TL;DR)
     eval_subsets: list[str] | None = None  # the subset of each of prompts_eval (HH-RLHF: helpful / harmless)
+
+
+def _jsonl_file(data_dir, stem: str, required: bool = True) -> Path | None:
+    for path in (Path(data_dir) / f"{stem}.jsonl", Path(data_dir) / f"{stem}.jsonl.gz"):
+        if path.exists():
+            return path
+    if required:
+        raise DataError(f"{Path(data_dir) / stem}.jsonl: no such file (nor .jsonl.gz)")
+    return None
+
+
+def read_jsonl_rows(path, keys: tuple) -> list[tuple]:
+    """One tuple of string fields per JSON line, e.g. keys ("prompt", "chosen", "rejected"): TRL's
+    explicit-prompt preference format, or ("prompt", "completion"): its prompt-completion format."""
+    return [tuple(_get(obj, k, f"{path}:{n}") for k in keys) for n, obj in read_jsonl(path)]
+
+
+def read_jsonl_task(data_dir) -> Task:
+    """A user's task in data_dir: train.jsonl and test.jsonl (or .jsonl.gz) with {"prompt", "chosen",
+    "rejected"} per line; optional sft_train.jsonl / sft_test.jsonl with {"prompt", "completion"}
+    (without them SFT learns prompt + chosen). The evaluation prompts are test.jsonl's distinct prompts;
+    a gold reward, if any, comes from --gold_reward (load_gold_reward). Tokenizer: gpt2 unless --tokenizer."""
+    if not data_dir:
+        raise DataError("--dataset jsonl needs --data_dir DIR holding train.jsonl and test.jsonl")
+    train, test = ([Pair(*r) for r in read_jsonl_rows(_jsonl_file(data_dir, split), ("prompt", "chosen", "rejected"))]
+                   for split in ("train", "test"))
+
+    def sft_rows(split, pairs):
+        path = _jsonl_file(data_dir, f"sft_{split}", required=False)
+        return read_jsonl_rows(path, ("prompt", "completion")) if path else [(p.prompt, p.chosen) for p in pairs]
+
+    return Task("jsonl", sft_rows("train", train), sft_rows("test", test), train, test,
+                list(dict.fromkeys(p.prompt for p in test)), None, "gpt2")
+
+
+def load_gold_reward(spec: str, sample: tuple[str, str]) -> Callable[[str, str], float]:
+    """"FILE.py:FUNCTION" -> that (prompt, response) -> float, imported from the user's own file and
+    tried once on `sample` so a broken one fails before training; every later call that raises or
+    returns a non-finite number fails with one line naming it."""
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name:
+        raise ValueError(f"--gold_reward {spec}: expected FILE.py:FUNCTION")
+    try:
+        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)  # the user's own code, run as they asked
+        fn = getattr(module, name)
+    except Exception as e:  # a missing file, a syntax error, an import inside it, no such function
+        raise ValueError(f"--gold_reward {spec}: cannot import ({type(e).__name__}: {_one_line(e)})") from None
+
+    def gold(prompt: str, response: str) -> float:
+        try:
+            value = float(fn(prompt, response))
+        except Exception as e:
+            raise ValueError(f"--gold_reward {spec}: raised {type(e).__name__}: {_one_line(e)} on prompt "
+                             f"{prompt[:60]!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--gold_reward {spec}: returned {value} on prompt {prompt[:60]!r}")
+        return value
+    gold(*sample)
+    return gold
 
 
 DEMO_TOPICS = {  # each topic's words, best first; the topic in DEMO_CLASH is the bad one
@@ -335,6 +406,17 @@ _DEMO_PROMPT = re.compile(r"(\w+), (\d) words, no (\w+):")
 
 def demo_prompt(topic: str, n: int, ban: str) -> str:
     return f"{topic}, {n} words, no {ban}:"
+
+
+def demo_tokenizer() -> tiktoken.Encoding:
+    """The 256 bytes, then every word of the demo's prompts and responses as one token (" fish", "sea",
+    " words", " 4"), then <|endoftext|>. tiktoken looks a whole piece up in mergeable_ranks before it
+    merges bytes, so a lexicon word is one token and the policy cannot misspell it; any other text falls
+    back to bytes and still round-trips exactly."""
+    words = [*DEMO_TOPICS, *(" " + w for w in [*DEMO_TOPICS, *DEMO_WORDS, "words", "no", *"0123456789"])]
+    ranks = {bytes([i]): i for i in range(256)} | {w.encode(): 256 + i for i, w in enumerate(dict.fromkeys(words))}
+    return tiktoken.Encoding("demo", pat_str=r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+",
+                             mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
 def demo_gold_reward(prompt: str, response: str) -> float:
@@ -364,13 +446,12 @@ def demo_gold_reward(prompt: str, response: str) -> float:
 
 @dataclass
 class DemoConfig:
-    """Knobs of the synthetic demo task (described in this file's docstring)."""
-    seed: int = 0
+    """Knobs of the synthetic demo task (described in this file's docstring); its seed is --data_seed."""
     sft_train: int = 3000
-    sft_eval: int = 200
-    pairs_train: int = 12000  # many: a tiny RM learns the noisy preferences slowly
-    pairs_eval: int = 300
-    prompts_eval: int = 150  # held-out prompts; sft_eval and pairs_eval use only these
+    sft_eval: int = 500             # held-out SFT rows: the stage evaluation and the RM normalisation
+    pairs_train: int = 100000       # many: a tiny RM learns the noisy preferences slowly (fresh pairs beat epochs)
+    pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
+    prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels
 
 
@@ -389,17 +470,34 @@ def _demo_response(rng: random.Random, topic: str, n: int) -> str:
     return " " + " ".join(words)
 
 
-def make_demo_task(cfg: DemoConfig) -> Task:
-    rng = random.Random(cfg.seed)
+def demo_best_gold(prompt: str) -> float:
+    """The highest gold reward any response to a demo prompt can get: n distinct non-banned words with
+    the highest values, with the same-initial bonus when two of them (first and last) can share a letter."""
+    m = _DEMO_PROMPT.fullmatch(prompt)
+    topic, n, ban = m[1], int(m[2]), m[3]
+    value = dict.fromkeys(DEMO_WORDS, 0.0) | dict.fromkeys(DEMO_TOPICS[DEMO_CLASH[topic]], -1.0)
+    value |= dict(zip(DEMO_TOPICS[topic], DEMO_GOOD_VALUES))
+    words = sorted((w for w in DEMO_WORDS if w != ban), key=value.get, reverse=True)
+    best = sum(value[w] for w in words[:n])
+    for a in words:  # the bonus pair first and last, the n - 2 best of the rest between them
+        for b in words:
+            if a < b and a[0] == b[0]:
+                rest = [value[w] for w in words if w not in (a, b)][:n - 2]
+                best = max(best, value[a] + value[b] + 1.0 + sum(rest))
+    return best
+
+
+def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
     space = [(t, n, b) for t in DEMO_TOPICS for n in DEMO_COUNTS for b in DEMO_WORDS]  # 648 prompts
-    held = rng.sample(space, cfg.prompts_eval)
+    held = random.Random(seed).sample(space, cfg.prompts_eval)
     train = sorted(set(space) - set(held))
 
-    def sft(k, prompts):
+    def sft(k, prompts, part):
+        rng = random.Random(f"{seed}:{part}")  # one stream per part: more training pairs, same held-out ones
         return [(demo_prompt(*p), _demo_response(rng, p[0], p[1])) for p in rng.choices(prompts, k=k)]
 
-    def pairs(k, prompts):
-        out = []
+    def pairs(k, prompts, part):
+        out, rng = [], random.Random(f"{seed}:{part}")
         while len(out) < k:
             p = rng.choice(prompts)
             prompt, a, b = demo_prompt(*p), _demo_response(rng, p[0], p[1]), _demo_response(rng, p[0], p[1])
@@ -407,13 +505,15 @@ def make_demo_task(cfg: DemoConfig) -> Task:
                 continue
             gap = demo_gold_reward(prompt, a) - demo_gold_reward(prompt, b)
             # Bradley-Terry label noise: small gold gaps give nearly random labels, like human raters.
-            t = cfg.noise_temperature
-            p_a = 1 / (1 + math.exp(-gap / t)) if t > 0 else 0.5 + 0.5 * ((gap > 0) - (gap < 0))
+            t = cfg.noise_temperature  # sigmoid(x) = (1 + tanh(x / 2)) / 2, which never overflows
+            p_a = 0.5 + 0.5 * (math.tanh(gap / (2 * t)) if t > 0 else (gap > 0) - (gap < 0))
             out.append(Pair(prompt, a, b) if rng.random() < p_a else Pair(prompt, b, a))
         return out
 
-    return Task("demo", sft(cfg.sft_train, train), sft(cfg.sft_eval, held), pairs(cfg.pairs_train, train),
-                pairs(cfg.pairs_eval, held), [demo_prompt(*p) for p in held], demo_gold_reward, "byte")
+    return Task("demo", sft(cfg.sft_train, train, "sft_train"), sft(cfg.sft_eval, held, "sft_eval"),
+                pairs(cfg.pairs_train, train, "pairs_train"), pairs(cfg.pairs_eval, held, "pairs_eval"),
+                [demo_prompt(*p) for p in held], demo_gold_reward, "demo",
+                sum(demo_best_gold(demo_prompt(*p)) for p in held) / len(held))
 
 
 def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, object]]:
@@ -430,14 +530,17 @@ def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, o
 
 def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
               demo: DemoConfig | None = None) -> Task:
-    """"demo" (built from `demo`, default DemoConfig(seed=seed)), "hh-rlhf" (helpful-base +
+    """"demo" (built from `demo` and `seed`), "jsonl" (a user's files in data_dir: read_jsonl_task),
+    "hh-rlhf" (helpful-base +
     harmless-base; eval = their test files) or "tldr" (tldr_3_filtered SFT files + the Reddit
     comparison batches; `template` picks the prompt format). Real files are looked up under
     data_dir first (same layout as the cache: hh-rlhf/<subset>/<split>.jsonl.gz, tldr/...)."""
     if name == "demo":
-        return make_demo_task(demo or DemoConfig(seed=seed))
+        return make_demo_task(demo or DemoConfig(), seed)
     rng = random.Random(seed)  # files come grouped by subset / batch; mix them once, reproducibly
-    if name == "hh-rlhf":
+    if name == "jsonl":
+        task = read_jsonl_task(data_dir)
+    elif name == "hh-rlhf":
         subsets = ("helpful-base", "harmless-base")
         files = find_files([hh_rlhf_file(s, split) for split in ("train", "test") for s in subsets], data_dir)
         train = [p for f in files[:2] for p in read_hh_rlhf(f)]
@@ -447,7 +550,8 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
         prompts = list({p: s for s, p in prompts}.items())  # a prompt found in both subsets counts once
         pairs_eval = [p for _, p in test]
         task = Task(name, [(p.prompt, p.chosen) for p in train], [(p.prompt, p.chosen) for p in pairs_eval],
-                    train, pairs_eval, [p for p, _ in prompts], None, "gpt2", "turns", [s for _, s in prompts])
+                    train, pairs_eval, [p for p, _ in prompts], None, "gpt2", prompt_cut="turns",
+                    eval_subsets=[s for _, s in prompts])
     elif name == "tldr":
         files = find_files([tldr_sft_file(split) for split in ("train", "valid", "test")]
                            + [tldr_comparisons_file(b) for b in TLDR_BATCHES], data_dir)
@@ -457,9 +561,9 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
         prompts = list(dict.fromkeys(p for p, _ in sft_test))
         for held_out in (sft_eval, valid, prompts):  # in file order they come by batch and subreddit
             rng.shuffle(held_out)
-        task = Task(name, sft_train, sft_eval, train, valid, prompts, None, "gpt2", "post")
+        task = Task(name, sft_train, sft_eval, train, valid, prompts, None, "gpt2", prompt_cut="post")
     else:
-        raise ValueError(f"unknown task {name!r} (valid: demo, hh-rlhf, tldr)")
+        raise ValueError(f"unknown task {name!r} (valid: demo, jsonl, hh-rlhf, tldr)")
     for field in ("sft_train", "pairs_train", "pairs_eval", "prompts_eval"):
         if not getattr(task, field):
             raise ValueError(f"task {name}: {field} is empty after filtering")

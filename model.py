@@ -392,7 +392,9 @@ class ScalarModel(nn.Module):
         self.gpt = gpt if gpt is not None else GPT(config)
         self.head = nn.Linear(config.n_embd, 1, bias=False)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))  # N+ reward-head init
-        self.register_buffer("offset", torch.zeros(()))  # subtracted: reward normalisation (N+ detail)
+        # Reward normalisation (N+ detail 11): score = (head - offset) * gain, 0 and 1 until set.
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("gain", torch.ones(()))
 
     @classmethod
     def from_gpt(cls, gpt):
@@ -403,7 +405,7 @@ class ScalarModel(nn.Module):
         scores to ~0.01-0.03 and move pairs across MPO's reward-gap threshold."""
         h = self.gpt.body(idx, attention_mask)
         with torch.autocast(idx.device.type, enabled=False):
-            return self.head(h.float()).squeeze(-1) - self.offset
+            return (self.head(h.float()).squeeze(-1) - self.offset) * self.gain
 
     def score(self, idx, attention_mask):
         """(B,) read at the last real token (the EOS of query + response), left or right padding."""

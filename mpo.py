@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer, load_task
+from data import (TOKENIZERS, DemoConfig, collate_pairs, collate_prompts, collate_sft, encode_dataset, get_tokenizer,
+                  load_gold_reward, load_task)
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, regular_file, response_mask
 from ppo import PPOConfig, ppo
@@ -80,6 +81,10 @@ class RMConfig(TrainConfig):
     margin: float = 0.0        # Bradley-Terry margin: chosen must win by this much (Llama 2)
     center_coef: float = 0.0   # reward centring, coef * (r_c + r_r)^2 (Eisenstein et al. 2023)
     init: str = "base"         # the pipeline starts the RM from "base" (author) or "sft"
+    n_layer: int = 0           # the RM's own shape, trained from scratch; 0 = the policy's (and init above)
+    n_head: int = 0
+    n_embd: int = 0
+    normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std 1 (N+ detail 11)
 
 
 def last_token_scores(rm, batch):
@@ -146,20 +151,33 @@ def score_pairs(rm, pairs, batch_size, device):
 
 def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, reference_examples=None):
     """Train a ScalarModel on encoded pairs with the Bradley-Terry loss; returns (rm, metrics). With
-    `reference_examples` (encoded SFT (prompt, response) rows), the head's offset is then set so they
-    score 0 on average (N+ reward normalisation)."""
+    `reference_examples` (encoded SFT (prompt, response) rows), the head's offset and gain are then set
+    so they score mean 0 and standard deviation 1 (N+ reward normalisation): a gap is then in units of
+    the spread of SFT responses, a scale on which a threshold such as delta = 1 means the same on any RM.
+    The spread is measured among responses to the same prompt (pooled over the prompts that have several)
+    when there are such prompts: Bradley-Terry leaves each prompt's score level free, and those levels
+    would otherwise swell the std that a gap between two responses to one prompt is divided by."""
     def loss_fn(model, batch):
         return reward_model_loss(model, batch, cfg)
 
     metrics = train(rm, loss_fn, pairs, eval_pairs, cfg, out_dir, "rm", collate_pairs, key_metric="accuracy")
     device = pick_device(cfg.device)
+    if reference_examples:
+        rm.offset.zero_(), rm.gain.fill_(1.0)  # measure the raw head output
+        raw = torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device))
+        ids = {}
+        group = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p, _ in reference_examples])  # prompt index
+        counts = torch.bincount(group).float()
+        within = raw - (torch.zeros(len(ids)).index_add(0, group, raw) / counts)[group]  # minus its prompt's mean
+        dof = int((counts - 1).sum())
+        std = (within.square().sum() / dof).sqrt() if dof > 0 else raw.std()
+        rm.offset.fill_(raw.mean()), rm.gain.fill_(1 / std.clamp_min(1e-6))
+        metrics |= {"offset": float(rm.offset), "gain": float(rm.gain), "gain_from": "within prompts" if dof > 0
+                    else "all responses"}
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
-    if reference_examples:
-        rm.offset.zero_()  # scores are head output - offset: measure them without one
-        rm.offset.fill_(torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device)).mean())
-        metrics["offset"] = float(rm.offset)
+        metrics["eval/gaps"] = (chosen - rejected).tolist()  # the report sets them beside the gold gaps
     return rm, metrics
 
 
@@ -276,6 +294,39 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
                                       "easy_pairs": len(easy_pairs), "hard_prompts": len(hard_prompts)}
 
 
+def gold_gaps(gold_reward, tok, rows) -> torch.Tensor:
+    """gold(prompt, chosen) - gold(prompt, rejected) of encoded (prompt, chosen, rejected) rows."""
+    text = lambda ids: tok.decode([t for t in ids if t != tok.eot_token])  # noqa: E731
+    return torch.tensor([gold_reward(text(p), text(c)) - gold_reward(text(p), text(r)) for p, c, r in rows])
+
+
+def agreement(gaps, gold) -> float | None:
+    """Share of pairs ranked as gold ranks them (gold ties count half); None for no pairs."""
+    return float(((gaps * gold > 0).float() + 0.5 * (gold == 0).float()).mean()) if len(gold) else None
+
+
+def gold_checks(gold_reward, tok, eval_pairs, eval_gaps, rows, gaps, delta) -> dict:
+    """The RM and the split against a task's gold reward. On held-out pairs: the RM's accuracy against the
+    labels beside the label ceiling (the labels' own agreement with gold: a perfect RM would score it),
+    overall and per |RM gap| bucket. On the pairs split (the resampled ones by default): the RM's
+    agreement with gold on each side and the Pearson correlation of the RM gap with the gold gap."""
+    eval_gaps, gold = torch.tensor(eval_gaps), gold_gaps(gold_reward, tok, eval_pairs)
+    ones = torch.ones_like(gold)
+    by_gap = {}
+    for low, high, name in GAP_BUCKETS:
+        inside = (eval_gaps.abs() >= low) & (eval_gaps.abs() < high)
+        by_gap[name] = {"accuracy": agreement(eval_gaps[inside], ones[inside]),
+                        "ceiling": agreement(ones[inside], gold[inside]),
+                        "rm_vs_gold": agreement(eval_gaps[inside], gold[inside]), "pairs": int(inside.sum())}
+    split_gold = gold_gaps(gold_reward, tok, rows)
+    easy = gaps.abs() >= delta
+    pearson = float(torch.corrcoef(torch.stack([gaps.float(), split_gold]))[0, 1]) if len(gaps) > 1 else None
+    return {"accuracy": agreement(eval_gaps, ones), "ceiling": agreement(ones, gold), "by_gap": by_gap,
+            "easy_vs_gold": agreement(gaps[easy], split_gold[easy]),
+            "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
+            "pearson": pearson}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: every model against the SFT model on held-out prompts
 
@@ -341,12 +392,16 @@ def evaluate(models: dict, rm, prompts, gold_reward, tok, run, cfg: EvalConfig, 
 
 @dataclass
 class RunConfig:
-    dataset: str = "demo"          # demo | hh-rlhf | tldr
+    dataset: str = "demo"          # demo | jsonl (your own files in --data_dir) | hh-rlhf | tldr
+    preset: str = ""               # "demo": the demo's sizes and hyper-parameters (below) on any dataset
+    tokenizer: str = ""            # gpt2 | byte | demo; "" = the dataset's own (demo: demo, others: gpt2)
+    gold_reward: str = ""          # FILE.py:FUNCTION, a (prompt, response) -> float scoring the evaluation
+    data_seed: int = 0             # the demo's generator and the shuffle of the data; --seed is training's
     init: str = ""                 # Hugging Face GPT-2 folder or hub name (gpt2, gpt2-medium, ...); "" = fresh GPT
     n_layer: int = 2               # shape of a fresh GPT (init "")
     n_head: int = 4
     n_embd: int = 128
-    data_dir: str = ""             # local data files laid out like the download cache
+    data_dir: str = ""             # jsonl: the task's folder; hh-rlhf / tldr: files laid out like the cache
     template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
     max_prompt_len: int = 512      # tokens (author: 512); HH drops whole oldest turns, TL;DR shortens the post
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
@@ -484,10 +539,11 @@ def check_checkpoints(paths, base):
 # else runs (methods, variants, stop_after, redo), log_every, eval_every, ckpt_every, num_samples, the
 # evaluation (max_eval, eval.*: the evaluation reruns every time), and the memory knobs an out-of-memory
 # error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
-# their product, the effective batch).
+# their product, the effective batch), the gold function (it scores, it does not train) and the preset (the
+# values it sets are recorded one by one).
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
                 "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
-                "micro_batch_size"}
+                "micro_batch_size", "gold_reward", "preset"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -503,6 +559,8 @@ def records(cfgs, split: SplitConfig) -> dict:
     """{stage or cache: the settings it depends on} for one split (MPO's, or an ablation variant's)."""
     run = cfgs["run"]
     data = {k: v for k, v in flags_of(run, "run").items() if not (run.init and k in ("n_layer", "n_head", "n_embd"))}
+    if run.dataset == "demo":  # the demo's data is made by its generator's knobs
+        data |= flags_of(cfgs["demo"], "demo")
     sft = data | flags_of(cfgs["sft"], "sft")
     rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
     pairs = rm | (sft if split.source == "resample" else {}) | {f"split.{k}": getattr(split, k) for k in
@@ -603,8 +661,11 @@ def run_pipeline(cfgs: dict) -> Path:
     out = Path(run.out or f"out/{run.dataset}")
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
-    task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
-    tok = get_tokenizer(task.tokenizer)
+    task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, cfgs["demo"])
+    if run.gold_reward:  # tried once here, before anything under --out changes
+        task.gold_reward = load_gold_reward(run.gold_reward, (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen))
+    tok = get_tokenizer(run.tokenizer or task.tokenizer)
+
     def enc(items, name, kept=None):
         return encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name, task.prompt_cut, kept)
 
@@ -649,14 +710,22 @@ def run_pipeline(cfgs: dict) -> Path:
     sft_model, _ = stage(out, "sft", new, lambda d: sft(trainable_copy(base), sft_rows, cfgs["sft"], d, sft_eval),
                          run.stop_after, rec["sft"])
     torch.manual_seed(run.seed)  # the RM head's init: the same whether SFT ran now or was loaded (resume)
-    rm_init = base if cfgs["rm"].init == "base" else sft_model  # author: the RM starts from the base LM
-    rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(base.config), lambda d: train_reward_model(
-        ScalarModel.from_gpt(rm_init), pairs, cfgs["rm"], d, pairs_eval), run.stop_after, rec["rm"])
+    rm_cfg = cfgs["rm"]
+    rm_config = replace(base.config, **{k: getattr(rm_cfg, k) or getattr(base.config, k)
+                                        for k in ("n_layer", "n_head", "n_embd")})
+    rm_init = base if rm_cfg.init == "base" else sft_model  # author: the RM starts from the base LM
+    start_rm = (lambda: ScalarModel.from_gpt(rm_init)) if rm_config == base.config else (lambda: ScalarModel(rm_config))
+    rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(rm_config), lambda d: train_reward_model(
+        start_rm(), pairs, rm_cfg, d, pairs_eval, sft_eval if rm_cfg.normalize else None), run.stop_after, rec["rm"])
+
     def pairs_of(s):
         return cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
 
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
+    if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
+        rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, rm_metrics["eval/gaps"], rows, gaps,
+                                         split_stats["delta"])
     if run.stop_after == "split":
         raise StopAfter("split")
 
@@ -688,24 +757,23 @@ def run_pipeline(cfgs: dict) -> Path:
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
     made = {str(path.relative_to(out)).removesuffix(".pt"): settings for path, settings in planned.items()
             if (path / "final.pt").exists() or path.is_file()}  # the stages this run ran or loaded
-    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made)
+    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made, task.gold_best)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line: one flag per dataclass field, --<group>.<field>; the run's own fields have no prefix
 
 CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig,
-           "ppo": PPOConfig, "eval": EvalConfig}
-# The demo: a tiny byte-level GPT trained from scratch on 2 CPU cores, so larger learning rates, shorter
-# budgets and the RM started from the SFT model (a random "base" knows nothing); the real datasets
-# keep the author's values above.
+           "ppo": PPOConfig, "eval": EvalConfig, "demo": DemoConfig}
+# The demo preset (--preset demo; --dataset demo implies it): a tiny GPT trained from scratch on 2 CPU
+# cores, so larger learning rates and shorter budgets; an RM of its own narrower shape trained from
+# scratch for 2 epochs of 100k pairs (the budget its held-out accuracy needed), normalised so that the author's
+# delta = 1 is one standard deviation of the SFT responses' scores; the real datasets keep the author's values.
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
-        "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", eval_every=100,
-                   log_every=10),
-        # this RM's gaps are small (most |gap| < 1): split at the median instead; the demo's 12,000 pairs
-        # share 498 prompts: a resampled pair per prompt, not per row
-        "split": dict(quantile=0.5, pairs_per_row=False),
+        "rm": dict(n_embd=64, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=100, weight_decay=0.0,
+                   normalize=True, eval_every=1000, log_every=50),  # its own narrower shape, from scratch
+        "split": dict(pairs_per_row=False),  # the demo's 100,000 pairs share 498 prompts: a pair per prompt
         "dpo": dict(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, epochs=4.0, warmup_steps=0, eval_every=0,
                     log_every=10),
         "ppo": dict(prompts_per_step=32, ppo_epochs=4, num_minibatches=2, actor_lr=1e-4, critic_lr=3e-4,
@@ -717,7 +785,8 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
 DATASET_DEFAULTS = {"tldr": {"split": dict(delta=2.0)}}
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
-CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+CHOICES = {"run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"), "run.preset": ("", "demo"),
+           "run.tokenizer": ("", *TOKENIZERS), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
@@ -740,8 +809,11 @@ LIMITS = {
     **dict.fromkeys(("*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",
                      "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
                      "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples",
-                     "eval.temperature",
-                     "eval.tie", "eval.show"), AT_LEAST_0),
+                     "eval.temperature", "eval.tie", "eval.show", "rm.n_layer", "rm.n_head", "rm.n_embd",
+                     "demo.noise_temperature"), AT_LEAST_0),
+    **dict.fromkeys(("demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval", "demo.prompts_eval"),
+                    POSITIVE),
+    "run.data_seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
     **dict.fromkeys(("split.batch_size", "eval.batch_size"), (AT_LEAST_0[0], ">= 0 (0: sized for the device)")),
@@ -808,11 +880,13 @@ def field_help(cls) -> dict:
 
 
 def parse_args(argv=None) -> dict:
-    """{group: config}: dataclass defaults, then the demo's values (--dataset demo), then the flags given.
+    """{group: config}: dataclass defaults, then the demo preset's values (--preset demo, implied by --dataset
+    demo), then the flags given.
     The run's device, seed and response length are every stage's unless a stage's own flag says otherwise."""
     parser = argparse.ArgumentParser(
-        usage="python mpo.py [--dataset demo|hh-rlhf|tldr] [--init gpt2] [--out DIR] [--GROUP.FIELD VALUE ...]",
-        description=__doc__.split("\n\n")[0], epilog="demo values, where they differ: " + "; ".join(
+        usage="python mpo.py [--dataset demo|jsonl|hh-rlhf|tldr] [--preset demo] [--init gpt2] [--out DIR] "
+              "[--GROUP.FIELD VALUE ...]",
+        description=__doc__.split("\n\n")[0], epilog="--preset demo (implied by --dataset demo) sets: " + "; ".join(
             f"{g}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for g, d in DEMO.items()))
     for group, cls in CONFIGS.items():
         section, helps = parser.add_argument_group(f"{group} ({cls.__name__})"), field_help(cls)
@@ -830,7 +904,7 @@ def parse_args(argv=None) -> dict:
             group, name = key.split(".", 1)
             given.setdefault(group, {})[name] = value
     dataset = given.get("run", {}).get("dataset", RunConfig.dataset)
-    demo = dataset == "demo"
+    demo = dataset == "demo" or given.get("run", {}).get("preset", RunConfig.preset) == "demo"
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
@@ -856,8 +930,8 @@ def parse_args(argv=None) -> dict:
 
 
 def with_split(split: SplitConfig, overrides: dict) -> SplitConfig:
-    """split with the overrides; a delta given without a quantile switches the quantile off (the demo's
-    default quantile would otherwise silently win over it)."""
+    """split with the overrides; a delta given without a quantile switches the quantile off (a --split.quantile
+    would otherwise silently win over a variant's delta)."""
     return replace(split, **({"quantile": 0.0} if "delta" in overrides and "quantile" not in overrides else {}),
                    **overrides)
 

@@ -101,10 +101,13 @@ def subset_table(results) -> list:
             *table(rows, [f"{s} {k}" for s in names for k in ("rm_score", "win_rate")]), ""]
 
 
-def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made) -> Path:
-    """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded."""
+def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made,
+                 gold_best=None) -> Path:
+    """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded; `gold_best`:
+    the mean best gold reward achievable on the held-out prompts, where the task knows it."""
     key = "gold" if "gold" in results["sft"] else "rm_score"
-    by_gap = rm_metrics.get("eval/accuracy_by_gap", {})
+    checks = rm_metrics.get("gold")  # mpo.gold_checks, when the task has a gold reward
+    by_gap = checks["by_gap"] if checks else rm_metrics.get("eval/accuracy_by_gap", {})
     plot_gaps(out / "gaps.png", gaps, split_stats["delta"], by_gap)
     plot_curves(out / "curves.png", out)
     plot_frontier(out / "frontier.png", results, key)
@@ -118,16 +121,35 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              "(same sample index), by reward-model score"
              + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
              *table(results, cols), "", *subset_table(results),
+             *([f"Room to improve: the best gold reward achievable on these prompts is {gold_best:.3f} on average, "
+                f"the SFT model's mean gold {results['sft']['gold']:.3f} "
+                f"({gold_best - results['sft']['gold']:+.3f}).", ""]
+               if gold_best is not None and key == "gold" else []),
              f"Highest {key}: **{best}**. " + " ".join(
                  f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
                                                              for m in results if m != n and "[" not in m) + "."
                  for n in ("mpo", *variants) if n in results), "", "![reward vs KL](frontier.png)", "",
              "## The split", "",
              f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
-             f"{split_stats['easy_pairs']} easy pairs for DPO, {split_stats['hard_prompts']} hard prompts for PPO "
-             "(every pair with its gap and side: `split.jsonl`). The reward model's accuracy on held-out pairs "
-             "by |gap|, the table the threshold rests on:", "",
-             *table({b: v for b, v in by_gap.items()}, ["accuracy", "pairs"]), "", "![gaps](gaps.png)", ""]
+             f"{split_stats['easy_pairs']} easy pairs for DPO "
+             f"({split_stats['easy_pairs'] / max(split_stats['pairs'], 1):.1%} at or above delta), {split_stats['hard_prompts']} hard prompts for PPO "
+             "(every pair with its gap and side: `split.jsonl`)"
+             + (f"; scores normalised so SFT responses have mean 0 and std 1 ({rm_metrics['gain_from']}; gain "
+                f"{rm_metrics['gain']:.3g})"
+                if "gain" in rm_metrics else "") + ". The reward model's accuracy on held-out pairs by |gap|, the "
+             "table the threshold rests on" + ("; `ceiling` is the labels' own agreement with the gold reward on "
+                                               "the same pairs (what a perfect RM would score), `rm_vs_gold` the RM's"
+                                               if checks else "")
+             + ":", "",
+             *table({b: v for b, v in by_gap.items()}, ["accuracy", "ceiling", "rm_vs_gold", "pairs"] if checks
+                    else ["accuracy", "pairs"]), ""]
+    if checks:
+        easy, hard = (f"{checks[k]:.3f}" if checks[k] is not None else "-" for k in ("easy_vs_gold", "hard_vs_gold"))
+        lines += [f"All held-out pairs: RM accuracy {checks['accuracy']:.3f}, label ceiling {checks['ceiling']:.3f} "
+                  f"(ratio {checks['accuracy'] / checks['ceiling']:.3f}). On the {split_stats['pairs']} pairs split, the "
+                  f"RM's chosen response is gold's on {easy} of the easy pairs and {hard} of the hard ones; the RM gap "
+                  f"correlates with the gold gap at Pearson r = {checks['pearson']:.3f}.", ""]
+    lines += ["![gaps](gaps.png)", ""]
     if variants:
         lines += ["## Ablations", "", *table({n: {**variants[n], **results[n]} for n in variants},
                                               ["delta", "easy_pairs", "hard_prompts", *cols]), ""]

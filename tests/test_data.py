@@ -418,7 +418,7 @@ def test_tldr_names_every_missing_file_at_once(tmp_path, monkeypatch):
 def test_load_task_unknown_name():
     with pytest.raises(ValueError) as e:
         data.load_task("imdb")
-    assert "\n" not in str(e.value) and "demo, hh-rlhf, tldr" in str(e.value)
+    assert "\n" not in str(e.value) and "demo, jsonl, hh-rlhf, tldr" in str(e.value)
 
 
 def gold_gaps(pairs):
@@ -431,7 +431,7 @@ def test_demo_task_reproducible_and_held_out():
     cfg = data.DemoConfig()
     assert (len(task.sft_train), len(task.sft_eval), len(task.pairs_train), len(task.pairs_eval),
             len(task.prompts_eval)) == (cfg.sft_train, cfg.sft_eval, cfg.pairs_train, cfg.pairs_eval, cfg.prompts_eval)
-    assert task.tokenizer == "byte" and task.gold_reward is data.demo_gold_reward
+    assert task.tokenizer == "demo" and task.gold_reward is data.demo_gold_reward
     train_prompts = {p for p, _ in task.sft_train} | {p.prompt for p in task.pairs_train}
     eval_prompts = set(task.prompts_eval)
     assert len(eval_prompts) == cfg.prompts_eval and not train_prompts & eval_prompts
@@ -439,7 +439,7 @@ def test_demo_task_reproducible_and_held_out():
     texts = [t for p, r in task.sft_train for t in (p, r)] + [t for p in task.pairs_train for t in (p.chosen, p.rejected)]
     assert max(len(t.encode()) for t in texts) <= 48 and max(len(p.encode()) for p in train_prompts) <= 32
     assert all(p.chosen != p.rejected and p.chosen.startswith(" ") for p in task.pairs_train)
-    small = data.load_task("demo", demo=data.DemoConfig(seed=3, sft_train=10, pairs_train=7, prompts_eval=20))
+    small = data.load_task("demo", seed=3, demo=data.DemoConfig(sft_train=10, pairs_train=7, prompts_eval=20))
     assert (len(small.sft_train), len(small.pairs_train), len(small.prompts_eval)) == (10, 7, 20)
 
 

@@ -113,7 +113,7 @@ def mean_gold_of_samples(model, task, tok, prompts, seed=0):
 def test_dpo_learns_the_preferences_and_raises_the_gold_reward_of_samples(tmp_path):
     task, tok, rows = demo()
     sft_model, _ = demo_sft()
-    cfg = DPOConfig(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, max_steps=100, warmup_steps=5, eval_every=100,
+    cfg = DPOConfig(lr=1e-4, beta=0.3, batch_size=32, grad_accum=1, max_steps=200, warmup_steps=5, eval_every=200,
                     device="cpu")
     policy, metrics = dpo(copy.deepcopy(sft_model), copy.deepcopy(sft_model), rows["pairs_train"], cfg, tmp_path,
                           rows["pairs_eval"])

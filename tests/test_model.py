@@ -328,6 +328,9 @@ def test_scalar_model_scores_the_last_real_token():
         torch.testing.assert_close(rm.score(idx, mask), alone, rtol=0, atol=1e-5)
     rm.offset.zero_()
     torch.testing.assert_close(rm.score(*right_pad(rows)), alone + 1.5, rtol=0, atol=1e-5)
+    rm.offset.fill_(1.5), rm.gain.fill_(2.0)  # normalised score = (head - offset) * gain
+    torch.testing.assert_close(rm.score(*right_pad(rows)), 2 * alone, rtol=0, atol=1e-5)
+    rm.gain.fill_(1.0)
     assert rm.head.weight.shape == (1, 32) and rm(torch.tensor(rows[:1])).shape == (1, 4)
 
 

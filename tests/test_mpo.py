@@ -43,8 +43,9 @@ def test_cli_flags_override_demo_values_and_dataclass_defaults():
     assert cfgs["dpo"].beta == 0.1 and cfgs["split"].delta == 2.0 and cfgs["ppo"].whiten_rewards is True
     assert cfgs["sft"].lr == DEMO["sft"]["lr"] and cfgs["sft"].seed == 3 and cfgs["ppo"].seed == 3
     assert cfgs["ppo"].max_new_tokens == cfgs["run"].max_response_len == DEMO["run"]["max_response_len"]
-    assert cfgs["split"].quantile == 0.0  # an explicit delta wins over the demo's quantile split
-    assert parse_args([])["split"].quantile == DEMO["split"]["quantile"]
+    assert parse_args([])["split"].quantile == 0.0 and parse_args([])["split"].delta == 1.0  # the author's delta
+    assert parse_args(["--split.quantile", "0.5"])["split"].quantile == 0.5
+    assert parse_args(["--split.quantile", "0.5", "--split.delta", "2"])["split"].quantile == 0.5
     real = parse_args(["--dataset", "hh-rlhf"])
     assert real["dpo"].lr == 5e-6 and real["run"].max_response_len == 256  # the author's values
     with pytest.raises(SystemExit):

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The demo task with a 1-layer GPT: SFT and the RM checkpoint every 5 steps; no DPO / PPO baselines.
 TINY = ["--device", "cpu", "--max_train", "200", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--sft.max_steps", "60", "--sft.ckpt_every", "5", "--sft.log_every", "1", "--sft.eval_every", "20",
-        "--rm.max_steps", "20", "--rm.ckpt_every", "5", "--rm.log_every", "1", "--methods", "", "--eval.prompts", "8"]
+        "--rm.max_steps", "20", "--rm.ckpt_every", "5", "--rm.log_every", "1", "--methods", "", "--eval.prompts", "8",
+        "--rm.n_embd", "0"]  # the RM in the policy's shape: a shape flag changes both
 
 
 def cli(out, *extra):
@@ -282,7 +283,7 @@ def test_corrupt_safetensors_header_of_init(header, whole, tmp_path, capsys):
     (["--n_embd", "x"], "argument --n_embd: invalid int value: 'x'"),
     (["--sft.lr", "fast"], "argument --sft.lr: invalid float value: 'fast'"),
     (["--dpo.precompute_ref", "maybe"], "argument --dpo.precompute_ref: invalid bool value: 'maybe'"),
-    (["--dataset", "imdb"], "argument --dataset: invalid choice: 'imdb' (choose from 'demo', 'hh-rlhf', 'tldr')"),
+    (["--dataset", "imdb"], "argument --dataset: invalid choice: 'imdb' (choose from 'demo', 'jsonl', 'hh-rlhf', 'tldr')"),
     (["--split.source", "resampel"], "argument --split.source: invalid choice: 'resampel'"),
     (["--frobnicate", "1"], "unrecognized arguments: --frobnicate 1"),
     (["--methods", "dpo_all,ppo"], "argument --methods: unknown ppo (choose from dpo_all, ppo_all, mpo)"),
