@@ -177,7 +177,6 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
-        metrics["eval/gaps"] = (chosen - rejected).tolist()  # the report sets them beside the gold gaps
     return rm, metrics
 
 
@@ -310,7 +309,7 @@ def gold_checks(gold_reward, tok, eval_pairs, eval_gaps, rows, gaps, delta) -> d
     labels beside the label ceiling (the labels' own agreement with gold: a perfect RM would score it),
     overall and per |RM gap| bucket. On the pairs split (the resampled ones by default): the RM's
     agreement with gold on each side and the Pearson correlation of the RM gap with the gold gap."""
-    eval_gaps, gold = torch.tensor(eval_gaps), gold_gaps(gold_reward, tok, eval_pairs)
+    eval_gaps, gold = torch.as_tensor(eval_gaps), gold_gaps(gold_reward, tok, eval_pairs)
     ones = torch.ones_like(gold)
     by_gap = {}
     for low, high, name in GAP_BUCKETS:
@@ -724,7 +723,8 @@ def run_pipeline(cfgs: dict) -> Path:
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
-        rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, rm_metrics["eval/gaps"], rows, gaps,
+        chosen, rejected = score_pairs(rm, pairs_eval, split.batch_size, device)  # this run's held-out pairs
+        rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, chosen - rejected, rows, gaps,
                                          split_stats["delta"])
     if run.stop_after == "split":
         raise StopAfter("split")

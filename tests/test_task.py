@@ -96,7 +96,7 @@ def test_preset_demo_applies_to_any_dataset_and_help_shows_it(capsys):
     assert mine["sft"].lr == DEMO["sft"]["lr"] and mine["run"].max_response_len == DEMO["run"]["max_response_len"]
     assert mine["rm"].normalize is True and mine["rm"].lr == 1e-3  # a flag still wins over the preset
     plain = parse_args(["--dataset", "jsonl"])
-    assert plain["sft"].lr == 9.65e-6 and plain["rm"].normalize is False  # the author's values
+    assert plain["sft"].lr == 5e-5 and plain["rm"].normalize is False  # the author's values
     assert parse_args([])["sft"].lr == DEMO["sft"]["lr"]  # --dataset demo implies the preset
     with pytest.raises(SystemExit):
         parse_args(["--help"])
