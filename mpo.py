@@ -15,14 +15,18 @@ one continues from its last checkpoint); `torchrun --nproc_per_node=N mpo.py ...
 Tests: python -m pytest -q tests/test_stages.py tests/test_robust.py tests/test_ddp.py
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
 import json
 import math
+import multiprocessing
+import os
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -33,10 +37,10 @@ from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, ge
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
-from report import write_report
+from report import METRICS, seed_record, study, write_report, write_study
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
                    load_weights, memory_estimate, pick_device, progress, rank, sampling_batch, set_dtype,
-                   setup_distributed, shard, time_probe, to_device, train, unshard)
+                   setup_distributed, shard, time_probe, to_device, train, unshard, world_size)
 
 
 @dataclass
@@ -118,6 +122,21 @@ def accuracy_by_gap(gaps, by=None) -> dict:
     return out
 
 
+def accuracy_by_gap_quartile(gaps) -> dict:
+    """accuracy_by_gap over the quartiles of |gap| by rank (four equal shares of the pairs, whatever the RM's
+    scale): {"q1".."q4": {"accuracy", "pairs", "low", "high"}}, low / high the bucket's |gap| range. The
+    study's claim (a) compares q4 with q1."""
+    gaps = torch.as_tensor(gaps, dtype=torch.float)
+    order = gaps.abs().argsort()
+    out = {}
+    for i, part in enumerate(order.tensor_split(4)):
+        if len(part):
+            size = gaps[part].abs()
+            out[f"q{i + 1}"] = {"accuracy": float((gaps[part] > 0).float().mean()), "pairs": len(part),
+                                "low": float(size.min()), "high": float(size.max())}
+    return out
+
+
 @torch.no_grad()
 def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") -> list:
     """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch. Under
@@ -154,6 +173,7 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
+        metrics["eval/accuracy_by_gap_quartile"] = accuracy_by_gap_quartile(chosen - rejected)
     if reference_examples:
         rm.offset.zero_()  # scores are head output - offset: measure them without one
         rm.offset.fill_(torch.cat(batch_scores(rm, reference_examples, collate_sft, cfg.batch_size, device)).mean())
@@ -337,6 +357,7 @@ class RunConfig:
     dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
     grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute (gpt2-large / xl)
     seed: int = 0
+    seeds: int = 1                 # > 1: a study over this many training seeds from --seed on (OUT/seed_<s>/)
 
 
 @dataclass
@@ -485,13 +506,16 @@ def print_plan(cfgs, base, sft_rows, pairs, device):
           + f" | total ~{fmt(sum(plan.values()))}; every stage prints its own rate and ETA")
 
 
-def run_pipeline(cfgs: dict) -> Path:
-    """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
+def run_pipeline(cfgs: dict, data_seed=None) -> Path:
+    """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md and
+    results.json. `data_seed` (run_seeds: the study's first seed) builds the task's data instead of --seed."""
     run, split = cfgs["run"], cfgs["split"]
     out = Path(run.out or f"out/{run.dataset}")
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
-    task = load_task(run.dataset, run.seed, run.data_dir or None, run.template)
+    # TODO(merge with issue 13's --data_seed): run.data_seed here, and run_seeds keeps it fixed instead.
+    task = load_task(run.dataset, run.seed if data_seed is None else data_seed, run.data_dir or None,
+                     run.template)
     tok = get_tokenizer(task.tokenizer)
     enc = lambda items, name, kept=None: encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name,  # noqa: E731
                                                         task.prompt_cut, kept)
@@ -538,18 +562,87 @@ def run_pipeline(cfgs: dict) -> Path:
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
             trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
             prompts_eval, task.gold_reward, "ppo_all"), run.stop_after)[0]
+    if "mpo_dpo" in methods and easy:  # MPO's first stage alone (trained here or by mpo_stages: the same stage)
+        models["mpo_dpo"] = stage(out, "mpo_dpo", new, lambda d: dpo(
+            trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d, stage="mpo_dpo"), run.stop_after)[0]
     if "mpo" in methods:
         models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
-    variants = {}
+    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"],
+                            "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders (its compute)
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
         folder = out / "variants" / text.replace("=", "-").replace(",", "_")
+        stages[f"mpo[{text}]"] = [str(folder.relative_to(out) / name) for name in ("mpo_dpo", "mpo")]
         v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v), v, folder, tok)
         models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
                                             task.gold_reward)
 
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
-    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
+    report = write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
+    record = {"seed": run.seed, "gap_buckets": rm_metrics.get("eval/accuracy_by_gap_quartile", {}),
+              "methods": {name: {**{k: r[k] for k in METRICS if k in r}, "compute": compute(out, stages[name])}
+                          for name, r in results.items()}}
+    atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # a study of one seed
+    return report
+
+
+def compute(out: Path, folders) -> dict:
+    """A model's training compute, summed over its stage folders' result.json (train.train and ppo.ppo
+    count them): policy optimizer steps, tokens through the policy's forward + backward, responses sampled."""
+    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
+    for folder in folders:
+        if (out / folder / "result.json").exists():
+            r = json.loads((out / folder / "result.json").read_text())
+            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"), ("samples", "samples")):
+                total[name] += r.get(f"compute/{k}", 0)
+    return total
+
+
+def run_seed(cfgs: dict, data_seed: int, log=None) -> Path:
+    """One seed of a study: run_pipeline on one thread (floating-point sums depend on the thread count: a
+    seed's numbers must not depend on the machine's cores), its output to `log` when given."""
+    torch.set_num_threads(1)
+    if log is None:
+        return run_pipeline(cfgs, data_seed)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return run_pipeline(cfgs, data_seed)
+
+
+def run_seeds(cfgs: dict) -> Path:
+    """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/ (resumed like any
+    run folder), on the task data of the first seed; the stages' seeds shift with it. The study adds the rows
+    its claims need: mpo_dpo (MPO's first stage alone) and mpo[stage2_ref=sft] (claim c). On a CPU with
+    several cores the seeds run side by side, one process and one thread each; then OUT/report.md and
+    OUT/results.json aggregate them (report.study)."""
+    run = cfgs["run"]
+    out = Path(run.out or f"out/{run.dataset}")
+    seeds = [run.seed + i for i in range(run.seeds)]
+    methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
+    if "mpo" in methods:
+        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
+        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
+    jobs = []
+    for s in seeds:
+        shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c for g, c in cfgs.items()}
+        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"), methods=",".join(methods),
+                                 variants=";".join(variants))
+        jobs.append(shifted)
+    parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and (os.cpu_count() or 1) > 1
+    workers = min(len(seeds), os.cpu_count() or 1) if parallel else 1
+    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one thread each; "
+          f"each seed's log: {out}/seed_<s>/log.txt")
+    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_seed, job, seeds[0], Path(job["run"].out) / "log.txt"): job for job in jobs}
+            for done in as_completed(futures):
+                print(f"study: {done.result()} done")
+    else:
+        for job in jobs:
+            print(f"study: {run_seed(job, seeds[0])} done")
+    folders = [out / f"seed_{s}" for s in seeds]
+    records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
+    return write_study(out, cfgs, study(records), folders)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,7 +653,7 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 # The demo: a tiny byte-level GPT trained from scratch on 2 CPU cores, so larger learning rates, shorter
 # budgets and the RM started from the SFT model (a random "base" knows nothing); the real datasets
 # keep the author's values above.
-DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
+DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=3),  # a study over 3 seeds by default
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
         "rm": dict(lr=3e-4, batch_size=32, grad_accum=1, epochs=1.0, weight_decay=0.0, init="sft", eval_every=100,
                    log_every=10),
@@ -584,7 +677,7 @@ CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author"
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
            **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
-METHODS = ("dpo_all", "ppo_all", "mpo")
+METHODS = ("dpo_all", "ppo_all", "mpo", "mpo_dpo")  # mpo_dpo: MPO's first stage alone, evaluated too
 
 
 def parse_value(kind, text: str):
@@ -639,6 +732,8 @@ def parse_args(argv=None) -> dict:
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    if run.seeds < 1:
+        parser.error(f"argument --seeds: must be at least 1, got {run.seeds}")
     for text in filter(None, run.variants.split(";")):
         try:
             for name, value in parse_fields(SplitConfig, text).items():
@@ -667,7 +762,7 @@ def main(argv=None):
     cfgs = parse_args(argv)
     try:
         setup_distributed()  # under torchrun; a no-op otherwise
-        report = run_pipeline(cfgs)
+        report = run_pipeline(cfgs) if cfgs["run"].seeds <= 1 else run_seeds(cfgs)
     except StopAfter as e:
         print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")
         return

@@ -419,6 +419,12 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         if cfg.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, kl, len(batch), cfg)
         it += 1
+        # The stage's compute, all ranks (the study compares budgets): policy optimizer steps, real tokens
+        # through the policy's forward + backward (every PPO epoch) and responses sampled; kept in result.
+        done = sum_over_ranks({"tokens": float(ro["attn"].sum()) * cfg.ppo_epochs, "samples": len(prompt_ids)})
+        result["compute/steps"] = result.get("compute/steps", 0) + cfg.ppo_epochs * cfg.num_minibatches
+        result["compute/tokens"] = result.get("compute/tokens", 0) + int(done["tokens"])
+        result["compute/samples"] = result.get("compute/samples", 0) + int(done["samples"])
         if it % cfg.log_every == 0 or it == total:
             samples = [{"prompt": p, "response": r, "score": float(s)}
                        for (p, r), s in zip(pairs[:cfg.num_samples], ro["raw_scores"])]
