@@ -358,6 +358,7 @@ class RunConfig:
     grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute (gpt2-large / xl)
     seed: int = 0
     seeds: int = 1                 # > 1: a study over this many training seeds from --seed on (OUT/seed_<s>/)
+    budget: str = "data"           # "data": each stage's steps follow its data; "matched": dpo_all's steps for all
 
 
 @dataclass
@@ -434,6 +435,17 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
     ref = policy if split.stage2_ref == "dpo" else sft_model
     return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
                                                 cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop)[0]
+
+
+def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
+    """cfgs with a method's DPO and PPO stages cut to `steps` policy optimizer steps in all (--budget matched).
+    A PPO iteration takes ppo_epochs x num_minibatches steps, so PPO gets the nearest whole number of
+    iterations (at least one); MPO, with both stages, gives half the steps to DPO and the rest to PPO (all to
+    the one stage that has data when the other has none)."""
+    per_iteration = cfgs["ppo"].ppo_epochs * cfgs["ppo"].num_minibatches
+    dpo_steps = steps if not hard else steps // 2 if easy else 0
+    return {**cfgs, "dpo": replace(cfgs["dpo"], max_steps=max(1, dpo_steps)),
+            "ppo": replace(cfgs["ppo"], max_iterations=max(1, round((steps - dpo_steps) / per_iteration)))}
 
 
 def check_same_model(out: Path, base):
@@ -552,21 +564,27 @@ def run_pipeline(cfgs: dict, data_seed=None) -> Path:
     if run.stop_after == "split":
         raise StopAfter("split")
 
-    # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample.
+    # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample. Under
+    # --budget matched every method gets dpo_all's optimizer steps (matched_budget), else each its data's.
+    steps = optimizer_steps(cfgs["dpo"], len(rows))
+    budget = lambda e, h: matched_budget(cfgs, steps, bool(e), bool(h)) if run.budget == "matched" else cfgs  # noqa: E731
     models, methods = {"sft": sft_model}, run.methods.split(",")
     if "dpo_all" in methods:
         models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d, stage="dpo_all"), run.stop_after)[0]
+            trainable_copy(sft_model), sft_model, rows, budget(rows, [])["dpo"], d, stage="dpo_all"),
+            run.stop_after)[0]
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
-            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
+            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, budget([], rows)["ppo"], d,
             prompts_eval, task.gold_reward, "ppo_all"), run.stop_after)[0]
     if "mpo_dpo" in methods and easy:  # MPO's first stage alone (trained here or by mpo_stages: the same stage)
         models["mpo_dpo"] = stage(out, "mpo_dpo", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d, stage="mpo_dpo"), run.stop_after)[0]
+            trainable_copy(sft_model), sft_model, easy, budget(easy, hard)["dpo"], d, stage="mpo_dpo"),
+            run.stop_after)[0]
     if "mpo" in methods:
-        models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
+        models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, budget(easy, hard), tok, prompts_eval,
+                                   task.gold_reward)
     variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"],
                             "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders (its compute)
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
@@ -574,8 +592,8 @@ def run_pipeline(cfgs: dict, data_seed=None) -> Path:
         folder = out / "variants" / text.replace("=", "-").replace(",", "_")
         stages[f"mpo[{text}]"] = [str(folder.relative_to(out) / name) for name in ("mpo_dpo", "mpo")]
         v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v), v, folder, tok)
-        models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
-                                            task.gold_reward)
+        models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, budget(v_easy, v_hard), tok,
+                                            prompts_eval, task.gold_reward)
 
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
     report = write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics)
@@ -671,7 +689,8 @@ DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=3),  # a study
 DATASET_DEFAULTS = {"tldr": {"split": dict(delta=2.0)}}
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
-CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+CHOICES = {"run.dataset": ("demo", "hh-rlhf", "tldr"), "run.budget": ("data", "matched"),
+           "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),

@@ -61,6 +61,7 @@ class PPOConfig:
     prompts_per_step: int = 16        # prompts per iteration
     samples_per_prompt: int = 2       # responses sampled per prompt
     passes: int = 1                   # passes over the prompts (one over the hard prompts)
+    max_iterations: int = 0           # > 0: this many iterations instead of `passes` (mpo.py --budget matched)
     max_new_tokens: int = 256         # response budget
     temperature: float = 1.0          # sampling temperature (N+: 0.7); log-probs use the same one (detail 4)
     top_k: int = 0                    # 0 = off: pure sampling (detail 3)
@@ -344,7 +345,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     reward_model.requires_grad_(False)
     opt_pi, opt_v = optimizers(policy, critic, cfg, device)
     per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
-    total = cfg.passes * per_pass
+    total = cfg.max_iterations or cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)

@@ -223,6 +223,37 @@ def interval(s: dict) -> str:
     return "-" if s is None else f"{s['mean']:.3f}{ci}"
 
 
+def plot_overoptimisation(path, folders) -> bool:
+    """Along every PPO stage, its held-out evaluations (ppo.evaluate, every eval_every iterations): gold (top
+    row; where the task has one) and RM score (bottom) against KL to the stage's reference, one line per seed
+    (Gao et al. 2022: the gold reward rises, then falls while the proxy keeps rising). False when no stage
+    logged an evaluation."""
+    stages = sorted({str(p.parent.relative_to(f)) for f in folders for p in f.rglob("metrics.jsonl")
+                     if p.parent.name in ("ppo_all", "mpo")})
+    curves = {}  # (stage, seed folder) -> eval lines
+    for stage in stages:
+        for f in folders:
+            log = f / stage / "metrics.jsonl"
+            lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            curves[stage, f.name] = [r for r in lines if r["split"] == "eval" and "kl" in r]
+    if not any(curves.values()):
+        return False
+    keys = [k for k in ("gold", "score") if any(k in r for c in curves.values() for r in c)]
+    fig, axes = plt.subplots(len(keys), len(stages), figsize=(3.8 * len(stages), 3.2 * len(keys)), squeeze=False)
+    for col, stage in enumerate(stages):
+        for row, key in enumerate(keys):
+            ax = axes[row, col]
+            for f in folders:
+                points = [(r["kl"], r[key]) for r in curves[stage, f.name] if key in r]
+                if points:
+                    ax.plot(*zip(*points), marker="o", ms=3, alpha=0.7, label=f.name)
+            ax.set(title=stage, xlabel="KL to the stage's reference (nats)", ylabel=f"held-out {key}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
 def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     """out/results.json and out/report.md of a study over seeds: the claims first, then every model's
     metrics (mean and 95 % interval over seeds) and compute; each seed's own report is linked."""
@@ -249,6 +280,10 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
               "within a seed (a claim's paired difference), not across seeds." + (
                   "" if "gold" in results["methods"]["sft"] else " Without a gold reward the RM score is the only "
                   "metric, and it is circular: the same RM trained the policies.")]
+    if plot_overoptimisation(out / "overoptimisation.png", folders):
+        lines += ["", "## Over-optimisation", "", "Along every PPO stage, held-out gold (where the task has it) and "
+                  "RM score against KL to the stage's reference, one line per seed (Gao et al. 2022):", "",
+                  "![over-optimisation](overoptimisation.png)"]
     metrics = [k for k in METRICS if k in results["methods"]["sft"]]
     compute = ["policy_steps", "policy_tokens", "samples"]
     lines += ["", f"## Models (mean [95 % CI] over {n} seeds)", "",
@@ -259,9 +294,12 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     lines += ["", "Compute (mean over seeds): optimizer steps of the policy, real tokens through its forward and "
               "backward passes, and responses it sampled while training, summed over the model's own stages after "
               "SFT (the sft row: SFT itself; mpo: its DPO and PPO stages). Every model also shares the SFT model, the "
-              "reward model and the resampled pairs. Budgets are not matched (`--budget` is not built yet): each "
-              "stage's budget follows its data size.", "",
-              "Not in this study yet: matched budgets, the reward-KL frontier sweep and over-optimisation curves.", "",
+              "reward model and the resampled pairs. " + (
+                  "`--budget matched`: every method gets dpo_all's optimizer steps, PPO the nearest whole number of "
+                  "iterations, MPO half of them in DPO and the rest in PPO." if cfgs["run"].budget == "matched" else
+                  "`--budget data`: budgets are not matched, each stage's follows its data size (`--budget "
+                  "matched` gives every method dpo_all's optimizer steps)."), "",
+              "Not in this study yet: the reward-KL frontier sweep (`--sweep`).", "",
               "Per-seed reports: " + ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders), "",
               "## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")

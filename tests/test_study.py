@@ -138,8 +138,19 @@ def test_train_and_ppo_count_their_compute(tmp_path):
     assert result["compute/tokens"] == pytest.approx(2 * (prompt_tokens + response_tokens))
 
 
+def test_matched_budget_gives_every_method_the_same_optimizer_steps():
+    cfgs = mpo.parse_args(["--ppo.ppo_epochs", "4", "--ppo.num_minibatches", "2"])  # 8 steps a PPO iteration
+    both, dpo_only, ppo_only = (mpo.matched_budget(cfgs, 64, e, h) for e, h in ((1, 1), (1, 0), (0, 1)))
+    assert (both["dpo"].max_steps, both["ppo"].max_iterations) == (32, 4)  # MPO: 32 + 4 x 8
+    assert dpo_only["dpo"].max_steps == 64 and ppo_only["ppo"].max_iterations == 8
+    odd = mpo.matched_budget(cfgs, 60, True, True)  # 30 DPO steps, 30 / 8 -> 4 iterations (32 steps)
+    assert (odd["dpo"].max_steps, odd["ppo"].max_iterations) == (30, 4)
+    assert mpo.matched_budget(cfgs, 3, False, True)["ppo"].max_iterations == 1  # at least one iteration
+    assert cfgs["dpo"].max_steps == 0 and cfgs["ppo"].max_iterations == 0  # a copy: the run's configs unchanged
+
+
 TINY = ["--max_train", "64", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--device", "cpu",
-        "--max_response_len", "24", "--sft.max_steps", "4", "--rm.max_steps", "4", "--dpo.max_steps", "2",
+        "--max_response_len", "24", "--sft.max_steps", "4", "--rm.max_steps", "4", "--dpo.max_steps", "4",
         "--ppo.prompts_per_step", "64", "--ppo.ppo_epochs", "1", "--split.quantile", "0.5", "--eval.prompts", "16"]
 
 
@@ -149,7 +160,7 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
         mpo.parse_args(["--seeds", "0"])
     assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
     out = tmp_path / "study"
-    mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--out", str(out)])
+    mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--budget", "matched", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [5, 6]
     names = ["sft", "dpo_all", "ppo_all", "mpo_dpo", "mpo", "mpo[stage2_ref=sft]"]
@@ -157,19 +168,26 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     for m in results["methods"].values():
         assert set(m) == {"gold", "rm_score", "kl_to_sft", "win_rate", "compute"}
         assert len(m["gold"]["per_seed"]) == 2 and m["gold"]["ci95"][0] <= m["gold"]["mean"] <= m["gold"]["ci95"][1]
+    # The matched budget: dpo_all's 4 optimizer steps for every method; a PPO iteration takes 1 epoch x 2
+    # minibatches, on all of its prompts (fewer than 64): ppo_all 2 iterations, MPO 2 DPO steps and 1 iteration.
     compute = {name: m["compute"] for name, m in results["methods"].items()}
+    ppo_cfg = mpo.parse_args(TINY)["ppo"]
+    assert ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches == 2
+    assert [compute[m]["policy_steps"] for m in ("dpo_all", "ppo_all", "mpo_dpo", "mpo", "mpo[stage2_ref=sft]")] == [
+        4, 4, 2, 4, 4]
     split = [json.loads(line)["side"] for line in (out / "seed_5" / "split.jsonl").read_text().splitlines()]
-    per_prompt = PPOConfig().samples_per_prompt  # one resampled pair per distinct prompt (the demo's split)
-    assert compute["dpo_all"]["policy_steps"] == 2 and compute["ppo_all"]["samples"] == len(split) * per_prompt
-    ppo_cfg = mpo.parse_args(TINY)["ppo"]  # MPO's 2 DPO steps, then one PPO iteration: epochs x minibatches
-    assert compute["mpo"]["policy_steps"] == 2 + ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches
-    assert compute["mpo"]["samples"] == split.count("hard") * per_prompt and compute["mpo_dpo"]["samples"] == 0
+    assert len(split) < ppo_cfg.prompts_per_step  # one resampled pair per distinct prompt (the demo's split)
+    assert compute["ppo_all"]["samples"] == 2 * len(split) * ppo_cfg.samples_per_prompt
+    assert compute["mpo"]["samples"] == split.count("hard") * ppo_cfg.samples_per_prompt
+    assert compute["mpo_dpo"]["samples"] == 0
+    assert compute["dpo_all"]["policy_tokens"] > compute["mpo_dpo"]["policy_tokens"]  # all pairs against the easy half
     assert set(results["claims"]) == {"rm_accuracy_rises_with_gap", "mpo_beats_dpo_all", "mpo_beats_ppo_all",
                                       "dpo_reference_beats_sft_reference"}
     for c in results["claims"].values():
         assert c["verdict"] in ("holds", "fails", "inconclusive") and len(c["diff"]["per_seed"]) == 2
     text = (out / "report.md").read_text()
     assert text.index("| mpo_beats_dpo_all |") < text.index("| mpo[stage2_ref=sft] |")  # the claims come first
+    assert "`--budget matched`" in text and (out / "overoptimisation.png").stat().st_size > 1000
     # Each seed is a run folder of its own; the task data is the first seed's in both.
     seeds = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (5, 6)]
     assert [r["methods"]["mpo"]["gold"]["per_seed"][0] for r in seeds] == results["methods"]["mpo"]["gold"]["per_seed"]
@@ -182,6 +200,6 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     assert seeds[0]["methods"]["sft"]["gold"] != seeds[1]["methods"]["sft"]["gold"]  # another training seed
     # A rerun reuses every seed's stages and gives the same numbers.
     capsys.readouterr()
-    mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--out", str(out)])
+    mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--budget", "matched", "--out", str(out)])
     assert json.loads((out / "results.json").read_text()) == results
     assert all((out / f"seed_{s}" / "log.txt").read_text().count("done in an earlier run") >= 9 for s in (5, 6))
