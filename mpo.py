@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,7 +38,7 @@ from data import collate_pairs, collate_prompts, collate_sft, encode_dataset, ge
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, response_mask
 from ppo import PPOConfig, ppo
-from report import METRICS, seed_record, study, write_report, write_study
+from report import METRICS, seed_record, study, write_report, write_study, write_sweep
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, is_main,
                    load_weights, memory_estimate, pick_device, progress, rank, sampling_batch, set_dtype,
                    setup_distributed, shard, time_probe, to_device, train, unshard, world_size)
@@ -359,6 +360,7 @@ class RunConfig:
     seed: int = 0
     seeds: int = 1                 # > 1: a study over this many training seeds from --seed on (OUT/seed_<s>/)
     budget: str = "data"           # "data": each stage's steps follow its data; "matched": dpo_all's steps for all
+    sweep: str = ""                # "0.5,1,2": the run at these multiples of --dpo.beta and --ppo.kl_coef (frontier)
 
 
 @dataclass
@@ -663,6 +665,45 @@ def run_seeds(cfgs: dict) -> Path:
     return write_study(out, cfgs, study(records), folders)
 
 
+def sweep_factors(text: str) -> list:
+    """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each > 0."""
+    factors = [float(t) for t in text.split(",")]
+    if any(not x > 0 for x in factors):
+        raise ValueError(f"multiples must be > 0, got {text!r}")
+    return factors
+
+
+def share_sft_and_rm(src: Path, dst: Path):
+    """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled pairs, seed
+    by seed (same settings, same seeds: the same stages; they do not depend on beta or kl_coef), copied in."""
+    for folder in [src, *sorted(src.glob("seed_*"))]:
+        target = dst / folder.relative_to(src)
+        for name in ("sft", "rm"):
+            if (folder / name / "final.pt").exists() and not (target / name).exists():
+                shutil.copytree(folder / name, target / name)
+        for pairs in folder.glob("pairs_*.pt"):
+            if not (target / pairs.name).exists():
+                shutil.copy2(pairs, target / pairs.name)
+
+
+def run_sweep(cfgs: dict) -> Path:
+    """--sweep: the run (a study under --seeds N) at each multiple of the regularisation strengths, DPO's beta
+    and PPO's kl_coef together (MPO has both), each in OUT/sweep_<x>/; then OUT/report.md with the reward-KL
+    frontier and OUT/sweep.json (report.write_sweep)."""
+    run = cfgs["run"]
+    out = Path(run.out or f"out/{run.dataset}")
+    studies, factors = {}, sweep_factors(run.sweep)
+    for x in factors:
+        share_sft_and_rm(out / f"sweep_{factors[0]:g}", out / f"sweep_{x:g}")
+        at = {**cfgs, "run": replace(run, sweep="", out=str(out / f"sweep_{x:g}")),
+              "dpo": replace(cfgs["dpo"], beta=cfgs["dpo"].beta * x),
+              "ppo": replace(cfgs["ppo"], kl_coef=cfgs["ppo"].kl_coef * x)}
+        report = run_pipeline(at) if run.seeds <= 1 else run_seeds(at)
+        studies[x] = json.loads((report.parent / "results.json").read_text())
+        print(f"sweep: x{x:g} done: {report}")
+    return write_sweep(out, cfgs, dict(sorted(studies.items())))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line: one flag per dataclass field, --<group>.<field>; the run's own fields have no prefix
 
@@ -753,6 +794,10 @@ def parse_args(argv=None) -> dict:
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if run.seeds < 1:
         parser.error(f"argument --seeds: must be at least 1, got {run.seeds}")
+    try:
+        run.sweep and sweep_factors(run.sweep)
+    except ValueError as e:
+        parser.error(f"argument --sweep: {e}")
     for text in filter(None, run.variants.split(";")):
         try:
             for name, value in parse_fields(SplitConfig, text).items():
@@ -781,7 +826,8 @@ def main(argv=None):
     cfgs = parse_args(argv)
     try:
         setup_distributed()  # under torchrun; a no-op otherwise
-        report = run_pipeline(cfgs) if cfgs["run"].seeds <= 1 else run_seeds(cfgs)
+        run = cfgs["run"]
+        report = run_sweep(cfgs) if run.sweep else run_pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs)
     except StopAfter as e:
         print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")
         return

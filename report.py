@@ -304,3 +304,54 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
               "## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
+
+
+def plot_sweep(path, studies: dict, key: str):
+    """The reward-KL frontier (Rafailov et al. 2023, Figure 2): per model, `key` against KL to SFT at every
+    regularisation multiple of the sweep, every seed a faint point, the mean over seeds a line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, name in enumerate(next(iter(studies.values()))["methods"]):
+        color = f"C{i}"
+        means = []
+        for x, results in studies.items():
+            m = results["methods"].get(name)
+            if m:
+                ax.scatter(m["kl_to_sft"]["per_seed"], m[key]["per_seed"], color=color, alpha=0.25, s=12)
+                means.append((m["kl_to_sft"]["mean"], m[key]["mean"], x))
+        ax.plot([p[0] for p in means], [p[1] for p in means], marker="o", color=color, label=name)
+        for kl, y, x in means:
+            ax.annotate(f"x{x:g}", (kl, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} against KL to SFT")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_sweep(out: Path, cfgs, studies: dict) -> Path:
+    """out/sweep.json (every multiple's results.json) and out/report.md: the frontier plot, each model's metric
+    and KL at every multiple, and the claims' verdicts at every multiple."""
+    first = next(iter(studies.values()))
+    key = "gold" if "gold" in first["methods"]["sft"] else "rm_score"
+    atomic_save(json.dumps({f"{x:g}": r for x, r in studies.items()}, indent=1).encode(), out / "sweep.json")
+    plot_sweep(out / "frontier.png", studies, key)
+    xs = [f"x{x:g}" for x in studies]
+    dpo, ppo = cfgs["dpo"].beta, cfgs["ppo"].kl_coef
+    lines = [f"# MPO reward-KL frontier: {cfgs['run'].dataset}, {len(first['seeds'])} seed(s) per point", "",
+             f"Every model trained at multiples {', '.join(xs)} of the regularisation strengths (DPO's beta {dpo:g}, "
+             f"PPO's kl_coef {ppo:g}; MPO's two stages both), each multiple a study of its own in `sweep_<x>/`. A "
+             "model whose line lies higher at the same KL is better (the DPO paper's Figure 2).", "",
+             "![frontier](frontier.png)", "", f"{key} (mean [95 % CI] over seeds) / KL to SFT (mean):", "",
+             "| model | " + " | ".join(xs) + " |", "|---" * (len(xs) + 1) + "|"]
+    for name in first["methods"]:
+        cells = [f"{interval(r['methods'][name][key])} / {r['methods'][name]['kl_to_sft']['mean']:.2f}"
+                 if name in r["methods"] else "-" for r in studies.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The claims at every multiple (mean paired difference, verdict):", "",
+              "| claim | " + " | ".join(xs) + " |", "|---" * (len(xs) + 1) + "|"]
+    for claim in first["claims"]:
+        cells = [f"{c['diff']['mean']:+.3f} {c['verdict']}" if c["diff"] else c["verdict"]
+                 for c in (r["claims"][claim] for r in studies.values())]
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-multiple reports: " + ", ".join(f"[sweep_{x:g}](sweep_{x:g}/report.md)" for x in studies)]
+    atomic_save("\n".join(lines).encode(), out / "report.md")
+    return out / "report.md"

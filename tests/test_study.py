@@ -203,3 +203,26 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--budget", "matched", "--out", str(out)])
     assert json.loads((out / "results.json").read_text()) == results
     assert all((out / f"seed_{s}" / "log.txt").read_text().count("done in an earlier run") >= 9 for s in (5, 6))
+
+
+def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        mpo.parse_args(["--sweep", "1,-2"])
+    assert "argument --sweep: multiples must be > 0, got '1,-2'" in capsys.readouterr().err
+    out = tmp_path / "sweep"
+    mpo.main([*TINY, "--seeds", "1", "--sweep", "2,0.5", "--out", str(out)])
+    configs = {x: json.loads((out / f"sweep_{x}" / "config.json").read_text()) for x in ("0.5", "2")}
+    base = mpo.parse_args(TINY)
+    assert configs["0.5"]["dpo"]["beta"] == pytest.approx(0.5 * base["dpo"].beta)
+    assert configs["2"]["ppo"]["kl_coef"] == pytest.approx(2 * base["ppo"].kl_coef)
+    weights = {x: {s: torch.load(out / f"sweep_{x}" / s / "final.pt") for s in ("sft", "rm", "dpo_all")}
+               for x in ("0.5", "2")}
+    for s in ("sft", "rm"):  # the second multiple starts from the first one's SFT model and RM
+        assert all(torch.equal(weights["0.5"][s][k], weights["2"][s][k]) for k in weights["2"][s])
+    dpo_all = weights["0.5"]["dpo_all"], weights["2"]["dpo_all"]
+    assert not all(torch.equal(dpo_all[0][k], dpo_all[1][k]) for k in dpo_all[0])  # another beta, another model
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims"} for r in sweep.values())
+    text = (out / "report.md").read_text()
+    assert "| model | x0.5 | x2 |" in text and "| mpo_beats_dpo_all |" in text
+    assert (out / "frontier.png").stat().st_size > 1000
