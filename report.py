@@ -299,7 +299,8 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
                   "iterations, MPO half of them in DPO and the rest in PPO." if cfgs["run"].budget == "matched" else
                   "`--budget data`: budgets are not matched, each stage's follows its data size (`--budget "
                   "matched` gives every method dpo_all's optimizer steps)."), "",
-              "Not in this study yet: the reward-KL frontier sweep (`--sweep`).", "",
+              "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of DPO's beta and PPO's "
+              "kl_coef.", "",
               "Per-seed reports: " + ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders), "",
               "## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")

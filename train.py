@@ -442,8 +442,9 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         for micro in range(accum):
             if ddp is not fwd:  # all-reduce only in the last backward of the step (nanoGPT's no_sync shortcut)
                 ddp.require_backward_grad_sync = micro == accum - 1
-            batch = to_device(collate(next(batches)), device)
-            tokens += int(batch["lengths"].sum()) if "lengths" in batch else 0  # token rows (data.collate_sft)
+            batch = collate(next(batches))
+            tokens += int(batch["lengths"].sum()) if "lengths" in batch else 0  # token rows; counted on the CPU
+            batch = to_device(batch, device)
             with autocast(device):
                 loss, extra = loss_fn(ddp, batch)
             if not torch.isfinite(loss):
