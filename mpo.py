@@ -667,9 +667,12 @@ def run_seeds(cfgs: dict) -> Path:
 
 def sweep_factors(text: str) -> list:
     """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each > 0."""
-    factors = [float(t) for t in text.split(",")]
-    if any(not x > 0 for x in factors):
-        raise ValueError(f"multiples must be > 0, got {text!r}")
+    try:
+        factors = [float(t) for t in text.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or any(not x > 0 for x in factors):
+        raise ValueError(f"expected multiples > 0 separated by commas, e.g. 0.5,1,2; got {text!r}")
     return factors
 
 

@@ -206,9 +206,11 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
 
 
 def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        mpo.parse_args(["--sweep", "1,-2"])
-    assert "argument --sweep: multiples must be > 0, got '1,-2'" in capsys.readouterr().err
+    for bad in ("1,-2", "1,x", "nan"):
+        with pytest.raises(SystemExit):
+            mpo.parse_args(["--sweep", bad])
+        assert f"argument --sweep: expected multiples > 0 separated by commas, e.g. 0.5,1,2; got '{bad}'" in (
+            capsys.readouterr().err)
     out = tmp_path / "sweep"
     mpo.main([*TINY, "--seeds", "1", "--sweep", "2,0.5", "--out", str(out)])
     configs = {x: json.loads((out / f"sweep_{x}" / "config.json").read_text()) for x in ("0.5", "2")}
