@@ -189,11 +189,11 @@ def study(records: list) -> dict:
                                            for k in first["compute"]}
     buckets = [r.get("gap_buckets") or {} for r in records]
     if all(len(b) >= 2 for b in buckets):
-        by = {b: [r[b] for r in buckets] for b in buckets[0]}
-        diff = paired([by[list(by)[-1]][i]["accuracy"] for i in range(len(records))],
-                      [by[list(by)[0]][i]["accuracy"] for i in range(len(records))])
+        by = {b: [r[b] for r in buckets] for b in buckets[0]}  # bucket -> its per-seed entries
+        accuracy = {b: [x["accuracy"] for x in v] for b, v in by.items()}
+        diff = paired(accuracy[list(by)[-1]], accuracy[list(by)[0]])  # the top quartile minus the bottom one
         out["claims"]["rm_accuracy_rises_with_gap"] = {
-            "buckets": {b: {"accuracy": summary([x["accuracy"] for x in v]),
+            "buckets": {b: {"accuracy": summary(accuracy[b]),
                             **{k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}}
                         for b, v in by.items()},
             "diff": diff, "verdict": verdict(diff), "metric": "RM accuracy, top - bottom quartile of abs(gap)"}
