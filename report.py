@@ -1,7 +1,10 @@
 """report.md and its plots for a finished MPO run (mpo.run_pipeline calls write_report last): the results
 table of every model, the reward-gap split and the reward model's accuracy per gap, the ablations,
 learning curves from every stage's metrics.jsonl, reward against KL to the SFT model, samples, and the
-configuration. Every file is written atomically (train.atomic_save).
+configuration. Below them, the study over seeds (mpo.run_seeds, --seeds N): results.json with every metric's
+mean, 95 % Student-t interval and per-seed values, the paper's claims as paired per-seed differences with a
+verdict, and the aggregated report.md with the over-optimisation curves; and the sweep's reward-KL frontier
+(mpo.run_sweep). Every file is written atomically (train.atomic_save).
 """
 import io
 import json
