@@ -15,15 +15,19 @@ one continues from its last checkpoint); `torchrun --nproc_per_node=N mpo.py ...
 Tests: python -m pytest -q tests/test_stages.py tests/test_robust.py tests/test_ddp.py
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -35,11 +39,11 @@ from data import (TOKENIZERS, DemoConfig, collate_pairs, collate_prompts, collat
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, regular_file, response_mask
 from ppo import PPOConfig, ppo
-from report import write_report
+from report import METRICS, seed_record, study, write_report, write_study, write_sweep
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, gather, is_main,
                    load_checkpoint, load_weights, lock_run_folder, memory_estimate, pick_device, progress, rank,
                    record_of, release_run_folders, remove_leftovers, remove_stale, sampling_batch, set_dtype,
-                   setup_distributed, shard, stale_records, time_probe, to_device, train, unshard)
+                   setup_distributed, shard, stale_records, time_probe, to_device, train, unshard, world_size)
 
 
 @dataclass
@@ -125,6 +129,21 @@ def accuracy_by_gap(gaps, by=None) -> dict:
     return out
 
 
+def accuracy_by_gap_quartile(gaps) -> dict:
+    """accuracy_by_gap over the quartiles of |gap| by rank (four equal shares of the pairs, whatever the RM's
+    scale): {"q1".."q4": {"accuracy", "pairs", "low", "high"}}, low / high the bucket's |gap| range. The
+    study's claim (a) compares q4 with q1."""
+    gaps = torch.as_tensor(gaps, dtype=torch.float)
+    order = gaps.abs().argsort()
+    out = {}
+    for i, part in enumerate(order.tensor_split(4)):
+        if len(part):
+            size = gaps[part].abs()
+            out[f"q{i + 1}"] = {"accuracy": float((gaps[part] > 0).float().mean()), "pairs": len(part),
+                                "low": float(size.min()), "high": float(size.max())}
+    return out
+
+
 @torch.no_grad()
 def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") -> list:
     """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch. Under
@@ -177,6 +196,7 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     if eval_pairs:
         chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
+        metrics["eval/accuracy_by_gap_quartile"] = accuracy_by_gap_quartile(chosen - rejected)
     return rm, metrics
 
 
@@ -415,6 +435,9 @@ class RunConfig:
     dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
     grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute (gpt2-large / xl)
     seed: int = 0
+    seeds: int = 1                 # > 1: a study over this many training seeds from --seed on (OUT/seed_<s>/)
+    budget: str = "data"           # "data": each stage's steps follow its data; "matched": dpo_all's steps for all
+    sweep: str = ""                # "0.5,1,2": the run at these multiples of --dpo.beta and --ppo.kl_coef (frontier)
 
 
 @dataclass
@@ -498,10 +521,11 @@ def out_of_memory(name: str) -> str:
             "and the last checkpoint are kept: rerun with the same --out to resume")
 
 
-def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, gold):
+def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, gold, settings):
     """MPO proper: DPO on the easy pairs (init = ref = SFT), then PPO on the hard prompts with the DPO
-    model as the starting policy and (unless ablated) the KL reference; the critic starts from the RM."""
-    new, stop, settings = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after, records(cfgs, split)
+    model as the starting policy and (unless ablated) the KL reference; the critic starts from the RM.
+    `settings`: the stages' records (records(); the flags, before a matched budget cuts the stages)."""
+    new, stop = (lambda: GPT(sft_model.config)), cfgs["run"].stop_after
     policy = sft_model
     if easy:
         policy, _ = stage(out, "mpo_dpo", new, lambda d: dpo(trainable_copy(sft_model), sft_model, easy, cfgs["dpo"], d,
@@ -513,6 +537,17 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
     ref = policy if split.stage2_ref == "dpo" else sft_model
     return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
                                                 cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop, settings["mpo"])[0]
+
+
+def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
+    """cfgs with a method's DPO and PPO stages cut to `steps` policy optimizer steps in all (--budget matched).
+    A PPO iteration takes ppo_epochs x num_minibatches steps, so PPO gets the nearest whole number of
+    iterations (at least one); MPO, with both stages, gives half the steps to DPO and the rest to PPO (all to
+    the one stage that has data when the other has none)."""
+    per_iteration = cfgs["ppo"].ppo_epochs * cfgs["ppo"].num_minibatches
+    dpo_steps = steps if not hard else steps // 2 if easy else 0
+    return {**cfgs, "dpo": replace(cfgs["dpo"], max_steps=max(1, dpo_steps)),
+            "ppo": replace(cfgs["ppo"], max_iterations=max(1, round((steps - dpo_steps) / per_iteration)))}
 
 
 def check_checkpoints(paths, base):
@@ -538,11 +573,12 @@ def check_checkpoints(paths, base):
 # else runs (methods, variants, stop_after, redo), log_every, eval_every, ckpt_every, num_samples, the
 # evaluation (max_eval, eval.*: the evaluation reruns every time), and the memory knobs an out-of-memory
 # error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
-# their product, the effective batch), the gold function (it scores, it does not train) and the preset (the
-# values it sets are recorded one by one).
+# their product, the effective batch), the gold function (it scores, it does not train), the preset (the
+# values it sets are recorded one by one) and the study's seeds and sweep (each seed and multiple has its
+# own folder). A matched budget's cuts are not recorded: they follow from --budget and the data.
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
                 "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
-                "micro_batch_size", "gold_reward", "preset"}
+                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -580,8 +616,8 @@ def plan(out: Path, cfgs) -> dict:
     methods = run.methods.split(",")
     steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
              ("split", pairs_cache(out, split), rec["pairs"]),
-             *[(name, out / name if method in methods else None, rec[name]) for name, method in
-               (("dpo_all", "dpo_all"), ("ppo_all", "ppo_all"), ("mpo_dpo", "mpo"), ("mpo", "mpo"))]]
+             *[(name, out / name if set(wanted) & set(methods) else None, rec[name]) for name, wanted in
+               (("dpo_all", ["dpo_all"]), ("ppo_all", ["ppo_all"]), ("mpo_dpo", ["mpo_dpo", "mpo"]), ("mpo", ["mpo"]))]]
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
@@ -655,7 +691,8 @@ def print_plan(cfgs, base, sft_rows, pairs, device):
 
 
 def run_pipeline(cfgs: dict) -> Path:
-    """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md."""
+    """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md and
+    results.json (a study of one seed)."""
     run, split = cfgs["run"], cfgs["split"]
     out = Path(run.out or f"out/{run.dataset}")
     device = pick_device(run.device)
@@ -729,35 +766,151 @@ def run_pipeline(cfgs: dict) -> Path:
     if run.stop_after == "split":
         raise StopAfter("split")
 
-    # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample.
+    # Baselines on the same pairs / prompts as MPO with the same stage configs: same cost per sample. Under
+    # --budget matched every method gets dpo_all's optimizer steps (matched_budget), else each its data's.
+    steps = optimizer_steps(cfgs["dpo"], len(rows))
+    budget = lambda e, h: matched_budget(cfgs, steps, bool(e), bool(h)) if run.budget == "matched" else cfgs  # noqa: E731
     models, methods = {"sft": sft_model}, run.methods.split(",")
     if "dpo_all" in methods:
         models["dpo_all"] = stage(out, "dpo_all", new, lambda d: dpo(
-            trainable_copy(sft_model), sft_model, rows, cfgs["dpo"], d, stage="dpo_all"), run.stop_after,
-            rec["dpo_all"])[0]
+            trainable_copy(sft_model), sft_model, rows, budget(rows, [])["dpo"], d, stage="dpo_all"),
+            run.stop_after, rec["dpo_all"])[0]
     skipped("dpo_all", "" if "dpo_all" in methods else run.stop_after)
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
-            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, cfgs["ppo"], d,
+            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, budget([], rows)["ppo"], d,
             prompts_eval, task.gold_reward, "ppo_all"), run.stop_after, rec["ppo_all"])[0]
     skipped("ppo_all", "" if "ppo_all" in methods else run.stop_after)
+    if "mpo_dpo" in methods and easy:  # MPO's first stage alone (trained here or by mpo_stages: the same stage)
+        models["mpo_dpo"] = stage(out, "mpo_dpo", new, lambda d: dpo(
+            trainable_copy(sft_model), sft_model, easy, budget(easy, hard)["dpo"], d, stage="mpo_dpo"),
+            run.stop_after, rec["mpo_dpo"])[0]
     if "mpo" in methods:
-        models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, cfgs, tok, prompts_eval, task.gold_reward)
+        models["mpo"] = mpo_stages(out, split, sft_model, rm, easy, hard, budget(easy, hard), tok, prompts_eval,
+                                   task.gold_reward, rec)
     for name in ("mpo_dpo", "mpo"):
-        skipped(name, "" if "mpo" in methods else run.stop_after)
-    variants = {}
+        skipped(name, "" if {name, "mpo"} & set(methods) else run.stop_after)
+    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"],
+                            "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders (its compute)
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
         folder = variant_folder(out, text)
+        stages[f"mpo[{text}]"] = [str(folder.relative_to(out) / name) for name in ("mpo_dpo", "mpo")]
         v_easy, v_hard, variants[f"mpo[{text}]"] = split_pairs(*pairs_of(v), v, folder, tok)
-        models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, cfgs, tok, prompts_eval,
-                                            task.gold_reward)
+        models[f"mpo[{text}]"] = mpo_stages(folder, v, sft_model, rm, v_easy, v_hard, budget(v_easy, v_hard), tok,
+                                            prompts_eval, task.gold_reward, records(cfgs, v))
 
     results, samples = evaluate(models, rm, prompts_eval, task.gold_reward, tok, run, cfgs["eval"], device, subsets)
     made = {str(path.relative_to(out)).removesuffix(".pt"): settings for path, settings in planned.items()
             if (path / "final.pt").exists() or path.is_file()}  # the stages this run ran or loaded
-    return write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made, task.gold_best)
+    report = write_report(out, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made, task.gold_best)
+    record = {"seed": run.seed, "gap_buckets": rm_metrics.get("eval/accuracy_by_gap_quartile", {}),
+              "methods": {name: {**{k: r[k] for k in METRICS if k in r}, "compute": compute(out, stages[name])}
+                          for name, r in results.items()}}
+    atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # a study of one seed
+    return report
+
+
+def compute(out: Path, folders) -> dict:
+    """A model's training compute, summed over its stage folders' result.json (train.train and ppo.ppo
+    count them): policy optimizer steps, tokens through the policy's forward + backward, responses sampled."""
+    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
+    for folder in folders:
+        if (out / folder / "result.json").exists():
+            r = json.loads((out / folder / "result.json").read_text())
+            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"), ("samples", "samples")):
+                total[name] += r.get(f"compute/{k}", 0)
+    return total
+
+
+def run_seed(cfgs: dict, log=None) -> Path:
+    """One seed of a study: run_pipeline on one thread (floating-point sums depend on the thread count: a
+    seed's numbers must not depend on the machine's cores), its output to `log` when given."""
+    torch.set_num_threads(1)
+    if log is None:
+        return run_pipeline(cfgs)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return run_pipeline(cfgs)
+
+
+def run_seeds(cfgs: dict) -> Path:
+    """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/ (resumed like any
+    run folder), on the same task data (--data_seed); the stages' seeds shift with it. The study adds the rows
+    its claims need: mpo_dpo (MPO's first stage alone) and mpo[stage2_ref=sft] (claim c). On a CPU with
+    several cores the seeds run side by side, one process and one thread each; then OUT/report.md and
+    OUT/results.json aggregate them (report.study)."""
+    run = cfgs["run"]
+    out = Path(run.out or f"out/{run.dataset}")
+    seeds = [run.seed + i for i in range(run.seeds)]
+    methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
+    if "mpo" in methods:
+        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
+        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
+    jobs = []
+    for s in seeds:
+        shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c for g, c in cfgs.items()}
+        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"), methods=",".join(methods),
+                                 variants=";".join(variants))
+        jobs.append(shifted)
+    parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and (os.cpu_count() or 1) > 1
+    workers = min(len(seeds), os.cpu_count() or 1) if parallel else 1
+    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one thread each; "
+          f"each seed's log: {out}/seed_<s>/log.txt")
+    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_seed, job, Path(job["run"].out) / "log.txt"): job for job in jobs}
+            for done in as_completed(futures):
+                print(f"study: {done.result()} done")
+    else:
+        for job in jobs:
+            print(f"study: {run_seed(job)} done")
+    folders = [out / f"seed_{s}" for s in seeds]
+    records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
+    return write_study(out, cfgs, study(records), folders)
+
+
+def sweep_factors(text: str) -> list:
+    """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each > 0."""
+    try:
+        factors = [float(t) for t in text.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or any(not x > 0 for x in factors):
+        raise ValueError(f"expected multiples > 0 separated by commas, e.g. 0.5,1,2; got {text!r}")
+    return factors
+
+
+def share_sft_and_rm(src: Path, dst: Path):
+    """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled pairs, seed
+    by seed (same settings, same seeds: the same stages; they do not depend on beta or kl_coef), copied in."""
+    for folder in [src, *sorted(src.glob("seed_*"))]:
+        target = dst / folder.relative_to(src)
+        for name in ("sft", "rm"):
+            if (folder / name / "final.pt").exists() and not (target / name).exists():
+                shutil.copytree(folder / name, target / name)
+        for pairs in folder.glob("pairs_*.pt"):
+            if not (target / pairs.name).exists():
+                shutil.copy2(pairs, target / pairs.name)
+
+
+def run_sweep(cfgs: dict) -> Path:
+    """--sweep: the run (a study under --seeds N) at each multiple of the regularisation strengths, DPO's beta
+    and PPO's kl_coef together (MPO has both), each in OUT/sweep_<x>/; then OUT/report.md with the reward-KL
+    frontier and OUT/sweep.json (report.write_sweep)."""
+    run = cfgs["run"]
+    out = Path(run.out or f"out/{run.dataset}")
+    studies, factors = {}, sweep_factors(run.sweep)
+    for x in factors:
+        share_sft_and_rm(out / f"sweep_{factors[0]:g}", out / f"sweep_{x:g}")
+        at = {**cfgs, "run": replace(run, sweep="", out=str(out / f"sweep_{x:g}")),
+              "dpo": replace(cfgs["dpo"], beta=cfgs["dpo"].beta * x),
+              "ppo": replace(cfgs["ppo"], kl_coef=cfgs["ppo"].kl_coef * x)}
+        report = run_pipeline(at) if run.seeds <= 1 else run_seeds(at)
+        studies[x] = json.loads((report.parent / "results.json").read_text())
+        print(f"sweep: x{x:g} done: {report}")
+    return write_sweep(out, cfgs, dict(sorted(studies.items())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -769,7 +922,7 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 # cores, so larger learning rates and shorter budgets; an RM of its own narrower shape trained from
 # scratch for 2 epochs of 100k pairs (the budget its held-out accuracy needed), normalised so that the author's
 # delta = 1 is one standard deviation of the SFT responses' scores; the real datasets keep the author's values.
-DEMO = {"run": dict(max_prompt_len=32, max_response_len=48),
+DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=3),  # a study over 3 seeds by default
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10, eval_every=100, log_every=10),
         "rm": dict(n_embd=64, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0, warmup_steps=100, weight_decay=0.0,
                    normalize=True, eval_every=1000, log_every=50),  # its own narrower shape, from scratch
@@ -786,13 +939,14 @@ DATASET_DEFAULTS = {"tldr": {"split": dict(delta=2.0)}}
 
 # Fields that take one of a few words, and the methods: anything else is refused before a run starts.
 CHOICES = {"run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"), "run.preset": ("", "demo"),
-           "run.tokenizer": ("", *TOKENIZERS), "run.template": ("author", "tldr"), "rm.init": ("base", "sft"),
+           "run.tokenizer": ("", *TOKENIZERS), "run.budget": ("data", "matched"), "run.template": ("author", "tldr"),
+           "rm.init": ("base", "sft"),
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
            "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
            **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
-METHODS = ("dpo_all", "ppo_all", "mpo")
+METHODS = ("dpo_all", "ppo_all", "mpo", "mpo_dpo")  # mpo_dpo: MPO's first stage alone, evaluated too
 
 
 # What each flag accepts, checked (validate) before anything is read or written: "group.field", or
@@ -908,6 +1062,12 @@ def parse_args(argv=None) -> dict:
     run = RunConfig(**{**(DEMO["run"] if demo else {}), **given.get("run", {})})
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
         parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    if run.seeds < 1:
+        parser.error(f"argument --seeds: must be at least 1, got {run.seeds}")
+    try:
+        run.sweep and sweep_factors(run.sweep)
+    except ValueError as e:
+        parser.error(f"argument --sweep: {e}")
     for text in filter(None, run.variants.split(";")):
         try:
             for name, value in parse_fields(SplitConfig, text).items():
@@ -940,7 +1100,8 @@ def main(argv=None):
     cfgs = parse_args(argv)
     try:
         setup_distributed()  # under torchrun; a no-op otherwise
-        report = run_pipeline(cfgs)
+        run = cfgs["run"]
+        report = run_sweep(cfgs) if run.sweep else run_pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs)
     except StopAfter as e:
         print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")
         return

@@ -62,6 +62,7 @@ class PPOConfig:
     prompts_per_step: int = 16        # prompts per iteration
     samples_per_prompt: int = 2       # responses sampled per prompt
     passes: int = 1                   # passes over the prompts (one over the hard prompts)
+    max_iterations: int = 0           # > 0: this many iterations instead of `passes` (mpo.py --budget matched)
     max_new_tokens: int = 256         # response budget
     temperature: float = 1.0          # sampling temperature (N+: 0.7); log-probs use the same one (detail 4)
     top_k: int = 0                    # 0 = off: pure sampling (detail 3)
@@ -345,7 +346,7 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
     reward_model.requires_grad_(False)
     opt_pi, opt_v = optimizers(policy, critic, cfg, device)
     per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
-    total = cfg.passes * per_pass
+    total = cfg.max_iterations or cfg.passes * per_pass
     it, kl_coef, result = 0, cfg.kl_coef, {}
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -420,6 +421,12 @@ def ppo(policy, ref, reward_model, critic, prompts, tok, cfg: PPOConfig, out_dir
         if cfg.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, kl, len(batch), cfg)
         it += 1
+        # The stage's compute, all ranks (the study compares budgets): policy optimizer steps, real tokens
+        # through the policy's forward + backward (every PPO epoch) and responses sampled; kept in result.
+        done = sum_over_ranks({"tokens": float(ro["attn"].sum()) * cfg.ppo_epochs, "samples": len(prompt_ids)})
+        result["compute/steps"] = result.get("compute/steps", 0) + cfg.ppo_epochs * cfg.num_minibatches
+        result["compute/tokens"] = result.get("compute/tokens", 0) + int(done["tokens"])
+        result["compute/samples"] = result.get("compute/samples", 0) + int(done["samples"])
         if it % cfg.log_every == 0 or it == total:
             samples = [{"prompt": p, "response": r, "score": float(s)}
                        for (p, r), s in zip(pairs[:cfg.num_samples], ro["raw_scores"])]

@@ -1,7 +1,10 @@
 """report.md and its plots for a finished MPO run (mpo.run_pipeline calls write_report last): the results
 table of every model, the reward-gap split and the reward model's accuracy per gap, the ablations,
 learning curves from every stage's metrics.jsonl, reward against KL to the SFT model, samples, and the
-configuration. Every file is written atomically (train.atomic_save).
+configuration. Below them, the study over seeds (mpo.run_seeds, --seeds N): results.json with every metric's
+mean, 95 % Student-t interval and per-seed values, the paper's claims as paired per-seed differences with a
+verdict, and the aggregated report.md with the over-optimisation curves; and the sweep's reward-KL frontier
+(mpo.run_sweep). Every file is written atomically (train.atomic_save).
 """
 import io
 import json
@@ -163,5 +166,232 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
     lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (mpo.py's "
               "NOT_RECORDED ones do not change results), then the evaluation's:", "", "```json",
               json.dumps({"stages": settings, "eval": asdict(cfgs["eval"])}, indent=1), "```"]
+    atomic_save("\n".join(lines).encode(), out / "report.md")
+    return out / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study (--seeds N): every metric over seeds with a 95 % Student-t interval, and the paper's claims as
+# paired per-seed differences with a verdict. One run folder's results.json is the study of its one seed.
+
+# t_{0.975} for 1..30 degrees of freedom (two-sided 95 %); beyond 30, the normal's 1.96.
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+        2.0518, 2.0484, 2.0452, 2.0423)
+METRICS = ("gold", "rm_score", "kl_to_sft", "win_rate")
+# claim: (model, compared with); a positive difference of the task's metric says the claim holds.
+CLAIMS = {"mpo_beats_dpo_all": ("mpo", "dpo_all"), "mpo_beats_ppo_all": ("mpo", "ppo_all"),
+          "dpo_reference_beats_sft_reference": ("mpo", "mpo[stage2_ref=sft]")}
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def summary(values) -> dict:
+    """{"mean", "ci95": [lo, hi], "per_seed"} of per-seed values: mean +- t_{0.975, n-1} * s / sqrt(n), s the
+    sample standard deviation; one value gives no interval (ci95 None)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "per_seed": values}
+    half = t975(n - 1) * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5
+    return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": values}
+
+
+def verdict(diff: dict) -> str:
+    """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0, else (it contains 0, or
+    there is one seed and so no interval) "inconclusive"."""
+    ci = diff and diff["ci95"]
+    return "inconclusive" if not ci else "holds" if ci[0] > 0 else "fails" if ci[1] < 0 else "inconclusive"
+
+
+def paired(a, b) -> dict:
+    """summary() of the per-seed differences a_s - b_s (a seed's models share its data, SFT model and RM)."""
+    return summary([x - y for x, y in zip(a, b, strict=True)])
+
+
+def study(records: list) -> dict:
+    """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute": {...}}},
+    "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}}. Claims compare gold where the task has
+    it, else the RM score. Claim (a), the RM's accuracy rising with its gap: per seed, the held-out pairs
+    split into quartiles of |gap| (a scale-free version of the paper's [0,1) ... >=3 buckets, which a small
+    RM leaves nearly empty), accuracy of the top quartile minus the bottom one, paired over seeds."""
+    names = records[0]["methods"]
+    key = "gold" if "gold" in names["sft"] else "rm_score"
+    of = lambda name, k: [r["methods"][name][k] for r in records]  # noqa: E731
+    out = {"seeds": [r["seed"] for r in records], "methods": {}, "claims": {}}
+    for name, first in names.items():
+        out["methods"][name] = {k: summary(of(name, k)) for k in METRICS if k in first}
+        out["methods"][name]["compute"] = {k: round(sum(c[k] for c in of(name, "compute")) / len(records))
+                                           for k in first["compute"]}
+    buckets = [r.get("gap_buckets") or {} for r in records]
+    if all(len(b) >= 2 for b in buckets):
+        by = {b: [r[b] for r in buckets] for b in buckets[0]}  # bucket -> its per-seed entries
+        accuracy = {b: [x["accuracy"] for x in v] for b, v in by.items()}
+        diff = paired(accuracy[list(by)[-1]], accuracy[list(by)[0]])  # the top quartile minus the bottom one
+        out["claims"]["rm_accuracy_rises_with_gap"] = {
+            "buckets": {b: {"accuracy": summary(accuracy[b]),
+                            **{k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}}
+                        for b, v in by.items()},
+            "diff": diff, "verdict": verdict(diff), "metric": "RM accuracy, top - bottom quartile of abs(gap)"}
+    else:
+        out["claims"]["rm_accuracy_rises_with_gap"] = {"buckets": {}, "diff": None, "verdict": "inconclusive",
+                                                       "metric": "no held-out pairs scored"}
+    for claim, (a, b) in CLAIMS.items():
+        diff = paired(of(a, key), of(b, key)) if a in names and b in names else None
+        out["claims"][claim] = {"diff": diff, "verdict": verdict(diff),
+                                "metric": f"{key}, {a} - {b}" if diff else f"needs models {a} and {b}"}
+    return out
+
+
+def seed_record(results: dict) -> dict:
+    """The per-seed record back from one run folder's results.json (a study of one seed)."""
+    first = lambda s: s["per_seed"][0]  # noqa: E731
+    buckets = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
+    return {"seed": results["seeds"][0],
+            "methods": {n: {k: v if k == "compute" else first(v) for k, v in m.items()}
+                        for n, m in results["methods"].items()},
+            "gap_buckets": {b: {**v, "accuracy": first(v["accuracy"])} for b, v in buckets.items()}}
+
+
+def interval(s: dict) -> str:
+    """"mean [lo, hi]" of a summary (the mean alone for one seed)."""
+    ci = f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s and s["ci95"] else ""
+    return "-" if s is None else f"{s['mean']:.3f}{ci}"
+
+
+def plot_overoptimisation(path, folders) -> bool:
+    """Along every PPO stage, its held-out evaluations (ppo.evaluate, every eval_every iterations): gold (top
+    row; where the task has one) and RM score (bottom) against KL to the stage's reference, one line per seed
+    (Gao et al. 2022: the gold reward rises, then falls while the proxy keeps rising). False when no stage
+    logged an evaluation."""
+    stages = sorted({str(p.parent.relative_to(f)) for f in folders for p in f.rglob("metrics.jsonl")
+                     if p.parent.name in ("ppo_all", "mpo")})
+    curves = {}  # (stage, seed folder) -> eval lines
+    for stage in stages:
+        for f in folders:
+            log = f / stage / "metrics.jsonl"
+            lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            curves[stage, f.name] = [r for r in lines if r["split"] == "eval" and "kl" in r]
+    if not any(curves.values()):
+        return False
+    keys = [k for k in ("gold", "score") if any(k in r for c in curves.values() for r in c)]
+    fig, axes = plt.subplots(len(keys), len(stages), figsize=(3.8 * len(stages), 3.2 * len(keys)), squeeze=False)
+    for col, stage in enumerate(stages):
+        for row, key in enumerate(keys):
+            ax = axes[row, col]
+            for f in folders:
+                points = [(r["kl"], r[key]) for r in curves[stage, f.name] if key in r]
+                if points:
+                    ax.plot(*zip(*points), marker="o", ms=3, alpha=0.7, label=f.name)
+            ax.set(title=stage, xlabel="KL to the stage's reference (nats)", ylabel=f"held-out {key}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
+def write_study(out: Path, cfgs, results: dict, folders) -> Path:
+    """out/results.json and out/report.md of a study over seeds: the claims first, then every model's
+    metrics (mean and 95 % interval over seeds) and compute; each seed's own report is linked."""
+    atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
+    n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
+    lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
+             f"Each seed trains every model anew (initialisation, data order, sampling) on the same task data and is "
+             "evaluated like a single run; a claim is the paired per-seed difference with its 95 % Student-t "
+             "interval over seeds: it **holds** when the interval lies above 0, **fails** below 0, else it is "
+             "inconclusive. Claim (a): per seed, the reward model's accuracy on held-out pairs in the top quartile "
+             "of |gap| minus that in the bottom quartile.", "",
+             "| claim | difference | mean | 95 % CI | per seed | verdict | seeds |", "|---|---|---|---|---|---|---|"]
+    for claim, c in results["claims"].items():
+        d = c["diff"]
+        lines.append(f"| {claim} | {c['metric']} | " + (f"{d['mean']:+.3f} | " + (
+            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "-") + " | " + ", ".join(
+            f"{v:+.3f}" for v in d["per_seed"]) if d else "- | - | -") + f" | **{c['verdict']}** | {n} |")
+    gap = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
+    if gap:
+        lines += ["", "Reward-model accuracy on held-out pairs by |gap| quartile (mean over seeds): " + ", ".join(
+            f"{b} ({v['low']:.2f}-{v['high']:.2f}, {v['pairs']:.0f} pairs) {interval(v['accuracy'])}"
+            for b, v in gap.items()) + "."]
+    lines += ["", "Each seed has its own reward model, whose scores have their own offset and scale: compare RM scores "
+              "within a seed (a claim's paired difference), not across seeds." + (
+                  "" if "gold" in results["methods"]["sft"] else " Without a gold reward the RM score is the only "
+                  "metric, and it is circular: the same RM trained the policies.")]
+    if plot_overoptimisation(out / "overoptimisation.png", folders):
+        lines += ["", "## Over-optimisation", "", "Along every PPO stage, held-out gold (where the task has it) and "
+                  "RM score against KL to the stage's reference, one line per seed (Gao et al. 2022):", "",
+                  "![over-optimisation](overoptimisation.png)"]
+    metrics = [k for k in METRICS if k in results["methods"]["sft"]]
+    compute = ["policy_steps", "policy_tokens", "samples"]
+    lines += ["", f"## Models (mean [95 % CI] over {n} seeds)", "",
+              "| model | " + " | ".join(metrics + compute) + " |", "|---" * (len(metrics) + len(compute) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(interval(m[k]) for k in metrics) + " | "
+              + " | ".join(f"{m['compute'].get(k, 0):,}" for k in compute) + " |"
+              for name, m in results["methods"].items()]
+    lines += ["", "Compute (mean over seeds): optimizer steps of the policy, real tokens through its forward and "
+              "backward passes, and responses it sampled while training, summed over the model's own stages after "
+              "SFT (the sft row: SFT itself; mpo: its DPO and PPO stages). Every model also shares the SFT model, the "
+              "reward model and the resampled pairs. " + (
+                  "`--budget matched`: every method gets dpo_all's optimizer steps, PPO the nearest whole number of "
+                  "iterations, MPO half of them in DPO and the rest in PPO." if cfgs["run"].budget == "matched" else
+                  "`--budget data`: budgets are not matched, each stage's follows its data size (`--budget "
+                  "matched` gives every method dpo_all's optimizer steps)."), "",
+              "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of DPO's beta and PPO's "
+              "kl_coef.", "",
+              "Per-seed reports: " + ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders), "",
+              "## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
+    atomic_save("\n".join(lines).encode(), out / "report.md")
+    return out / "report.md"
+
+
+def plot_sweep(path, studies: dict, key: str):
+    """The reward-KL frontier (Rafailov et al. 2023, Figure 2): per model, `key` against KL to SFT at every
+    regularisation multiple of the sweep, every seed a faint point, the mean over seeds a line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, name in enumerate(next(iter(studies.values()))["methods"]):
+        color = f"C{i}"
+        means = []
+        for x, results in studies.items():
+            m = results["methods"].get(name)
+            if m:
+                ax.scatter(m["kl_to_sft"]["per_seed"], m[key]["per_seed"], color=color, alpha=0.25, s=12)
+                means.append((m["kl_to_sft"]["mean"], m[key]["mean"], x))
+        ax.plot([p[0] for p in means], [p[1] for p in means], marker="o", color=color, label=name)
+        for kl, y, x in means:
+            ax.annotate(f"x{x:g}", (kl, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} against KL to SFT")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_sweep(out: Path, cfgs, studies: dict) -> Path:
+    """out/sweep.json (every multiple's results.json) and out/report.md: the frontier plot, each model's metric
+    and KL at every multiple, and the claims' verdicts at every multiple."""
+    first = next(iter(studies.values()))
+    key = "gold" if "gold" in first["methods"]["sft"] else "rm_score"
+    atomic_save(json.dumps({f"{x:g}": r for x, r in studies.items()}, indent=1).encode(), out / "sweep.json")
+    plot_sweep(out / "frontier.png", studies, key)
+    xs = [f"x{x:g}" for x in studies]
+    dpo, ppo = cfgs["dpo"].beta, cfgs["ppo"].kl_coef
+    lines = [f"# MPO reward-KL frontier: {cfgs['run'].dataset}, {len(first['seeds'])} seed(s) per point", "",
+             f"Every model trained at multiples {', '.join(xs)} of the regularisation strengths (DPO's beta {dpo:g}, "
+             f"PPO's kl_coef {ppo:g}; MPO's two stages both), each multiple a study of its own in `sweep_<x>/`. A "
+             "model whose line lies higher at the same KL is better (the DPO paper's Figure 2).", "",
+             "![frontier](frontier.png)", "", f"{key} (mean [95 % CI] over seeds) / KL to SFT (mean):", "",
+             "| model | " + " | ".join(xs) + " |", "|---" * (len(xs) + 1) + "|"]
+    for name in first["methods"]:
+        cells = [f"{interval(r['methods'][name][key])} / {r['methods'][name]['kl_to_sft']['mean']:.2f}"
+                 if name in r["methods"] else "-" for r in studies.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The claims at every multiple (mean paired difference, verdict):", "",
+              "| claim | " + " | ".join(xs) + " |", "|---" * (len(xs) + 1) + "|"]
+    for claim in first["claims"]:
+        cells = [f"{c['diff']['mean']:+.3f} {c['verdict']}" if c["diff"] else c["verdict"]
+                 for c in (r["claims"][claim] for r in studies.values())]
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-multiple reports: " + ", ".join(f"[sweep_{x:g}](sweep_{x:g}/report.md)" for x in studies)]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"

@@ -583,11 +583,13 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         lr = lr_at(step, cfg, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        metrics = {}
+        metrics, tokens = {}, 0
         for micro in range(accum):
             if ddp is not fwd:  # all-reduce only in the last backward of the step (nanoGPT's no_sync shortcut)
                 ddp.require_backward_grad_sync = micro == accum - 1
-            batch = to_device(collate(next(batches)), device)
+            batch = collate(next(batches))
+            tokens += int(batch["lengths"].sum()) if "lengths" in batch else 0  # token rows; counted on the CPU
+            batch = to_device(batch, device)
             with autocast(device):
                 loss, extra = loss_fn(ddp, batch)
             if not torch.isfinite(loss):
@@ -603,6 +605,10 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        # The stage's compute (the study compares methods' budgets): optimizer steps and the real (non-pad)
+        # tokens through forward + backward, all ranks; kept in result, so a resumed stage counts on.
+        result["compute/steps"] = step
+        result["compute/tokens"] = result.get("compute/tokens", 0) + int(sum_over_ranks({"t": tokens})["t"])
         if step % cfg.log_every == 0 or step == total:
             metrics = mean_over_ranks(metrics)
             shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
