@@ -890,7 +890,7 @@ def share_sft_and_rm(src: Path, dst: Path):
         for name in ("sft", "rm"):
             if (folder / name / "final.pt").exists() and not (target / name).exists():
                 shutil.copytree(folder / name, target / name)
-        for pairs in folder.glob("pairs_*.pt"):
+        for pairs in folder.glob("pairs_*.*"):  # the cache and its record
             if not (target / pairs.name).exists():
                 shutil.copy2(pairs, target / pairs.name)
 

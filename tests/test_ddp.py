@@ -66,7 +66,10 @@ def runs(tmp_path_factory):
     stdout = []
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for cmd in ([sys.executable, "step.py", "one"], [*torchrun, "step.py", "two"]):
-        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+        for _ in range(3):  # a gloo rank sometimes aborts as its process exits, after its work (seen 1 in ~10 here)
+            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+            if "terminate called without an active exception" not in done.stderr:
+                break
         assert done.returncode == 0, done.stderr[-3000:]
         stdout.append(done.stdout)
     return tmp, stdout
