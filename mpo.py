@@ -575,10 +575,10 @@ def check_checkpoints(paths, base):
 # error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
 # their product, the effective batch), the gold function (it scores, it does not train), the preset (the
 # values it sets are recorded one by one) and the study's seeds and sweep (each seed and multiple has its
-# own folder). A matched budget's cuts are not recorded: they follow from --budget and the data.
+# own folder). --budget is recorded with the DPO and PPO stages only, whose steps it sets.
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
                 "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
-                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep"}
+                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep", "budget"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -600,7 +600,8 @@ def records(cfgs, split: SplitConfig) -> dict:
     rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
     pairs = rm | (sft if split.source == "resample" else {}) | {f"split.{k}": getattr(split, k) for k in
                                                                 ("source", "batch_size", "pairs_per_row")}
-    dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo"), flags_of(cfgs["ppo"], "ppo")
+    budget = {"budget": run.budget}
+    dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
     mpo_dpo = pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")} | dpo_cfg
     return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "ppo_all": pairs | ppo_cfg,
             "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
