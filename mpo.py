@@ -424,12 +424,12 @@ class RunConfig:
     template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
     max_prompt_len: int = 512      # tokens (author: 512); HH drops whole oldest turns, TL;DR shortens the post
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
-    methods: str = "dpo_all,ppo_all,mpo"  # what to train beside SFT: baselines dpo_all, ppo_all and mpo
+    methods: str = "dpo_all,ppo_all,mpo"  # beside SFT: dpo_all, dpo_human (DPO on the human pairs), ppo_all, mpo
     max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
     max_eval: int = 0              # > 0: use only this many held-out SFT examples and pairs in stage evaluations
     variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
     out: str = ""                  # run folder; default out/<dataset>
-    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
+    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | dpo_human | ppo_all | mpo_dpo | mpo
     redo: bool = False             # redo the stages whose recorded flags differ from this run's, and those after them
     device: str = "auto"
     dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
@@ -513,7 +513,8 @@ def stage(out: Path, name: str, make, fn, stop_after="", settings=None):
 
 def out_of_memory(name: str) -> str:
     """One line for a CUDA out-of-memory error in stage `name` (or outside the stages): what to lower."""
-    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "mpo": "ppo", "ppo_all": "ppo"}.get(name)
+    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "dpo_human": "dpo", "mpo": "ppo",
+             "ppo_all": "ppo"}.get(name)
     knobs = (f"--{group}.batch_size and raise --{group}.grad_accum as much (same effective batch)" if group in
              ("sft", "rm", "dpo") else "--ppo.micro_batch_size (update) or --ppo.prompts_per_step (rollouts)"
              if group == "ppo" else "--split.batch_size and --eval.batch_size (sampling and scoring)")
@@ -603,7 +604,8 @@ def records(cfgs, split: SplitConfig) -> dict:
     budget = {"budget": run.budget}
     dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
     mpo_dpo = pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")} | dpo_cfg
-    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "ppo_all": pairs | ppo_cfg,
+    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "dpo_human": sft | dpo_cfg,
+            "ppo_all": pairs | ppo_cfg,
             "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
 
 
@@ -618,7 +620,8 @@ def plan(out: Path, cfgs) -> dict:
     steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
              ("split", pairs_cache(out, split), rec["pairs"]),
              *[(name, out / name if set(wanted) & set(methods) else None, rec[name]) for name, wanted in
-               (("dpo_all", ["dpo_all"]), ("ppo_all", ["ppo_all"]), ("mpo_dpo", ["mpo_dpo", "mpo"]), ("mpo", ["mpo"]))]]
+               (("dpo_all", ["dpo_all"]), ("dpo_human", ["dpo_human"]), ("ppo_all", ["ppo_all"]),
+                ("mpo_dpo", ["mpo_dpo", "mpo"]), ("mpo", ["mpo"]))]]
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
@@ -777,6 +780,11 @@ def run_pipeline(cfgs: dict) -> Path:
             trainable_copy(sft_model), sft_model, rows, budget(rows, [])["dpo"], d, stage="dpo_all"),
             run.stop_after, rec["dpo_all"])[0]
     skipped("dpo_all", "" if "dpo_all" in methods else run.stop_after)
+    if "dpo_human" in methods:  # the paper's vanilla DPO: the dataset's own pairs, not the resampled ones
+        models["dpo_human"] = stage(out, "dpo_human", new, lambda d: dpo(
+            trainable_copy(sft_model), sft_model, pairs, budget(pairs, [])["dpo"], d, stage="dpo_human"),
+            run.stop_after, rec["dpo_human"])[0]
+    skipped("dpo_human", "" if "dpo_human" in methods else run.stop_after)
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
@@ -792,8 +800,8 @@ def run_pipeline(cfgs: dict) -> Path:
                                    task.gold_reward, rec)
     for name in ("mpo_dpo", "mpo"):
         skipped(name, "" if {name, "mpo"} & set(methods) else run.stop_after)
-    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"],
-                            "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders (its compute)
+    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"], "ppo_all": ["ppo_all"],
+                            "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
         folder = variant_folder(out, text)
@@ -945,9 +953,11 @@ CHOICES = {"run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"), "run.preset": ("
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
-           "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
+           "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo", "mpo"),
            **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
-METHODS = ("dpo_all", "ppo_all", "mpo", "mpo_dpo")  # mpo_dpo: MPO's first stage alone, evaluated too
+# mpo_dpo: MPO's first stage alone, evaluated too; dpo_human: DPO on the dataset's own human pairs (the paper's
+# vanilla DPO; on the demo's 100,000 pairs slow unless --budget matched)
+METHODS = ("dpo_all", "dpo_human", "ppo_all", "mpo", "mpo_dpo")
 
 
 # What each flag accepts, checked (validate) before anything is read or written: "group.field", or
