@@ -442,7 +442,7 @@ class RunConfig:
 
 @dataclass
 class SplitConfig:
-    source: str = "resample"   # "resample": two SFT samples per prompt ranked by the RM (author); "human": dataset pairs
+    source: str = "resample"   # "resample": two SFT samples per row ranked by the RM (author); "human": dataset pairs
     delta: float = 1.0         # |gap| >= delta is easy (author: 1 on HH-RLHF, 2 on TL;DR)
     quantile: float = 0.0      # > 0: delta = this quantile of |gap| instead (an RM of unknown scale)
     stage2_ref: str = "dpo"    # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
@@ -579,7 +579,7 @@ def check_checkpoints(paths, base):
 # own folder). --budget is recorded with the DPO and PPO stages only, whose steps it sets.
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
                 "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
-                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep", "budget"}
+                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep", "budget", "eval_prompts"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -598,7 +598,8 @@ def records(cfgs, split: SplitConfig) -> dict:
     if run.dataset == "demo":  # the demo's data is made by its generator's knobs
         data |= flags_of(cfgs["demo"], "demo")
     sft = data | flags_of(cfgs["sft"], "sft")
-    rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+    rm = (data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+          | ({"max_eval": run.max_eval} if cfgs["rm"].normalize else {}))  # normalised on the held-out SFT rows
     pairs = rm | (sft if split.source == "resample" else {}) | {f"split.{k}": getattr(split, k) for k in
                                                                 ("source", "batch_size", "pairs_per_row")}
     budget = {"budget": run.budget}
@@ -704,6 +705,7 @@ def run_pipeline(cfgs: dict) -> Path:
     task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, cfgs["demo"])
     if run.gold_reward:  # tried once here, before anything under --out changes
         task.gold_reward = load_gold_reward(run.gold_reward, (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen))
+        task.gold_best = None  # a task's best gold is that of its own reward
     tok = get_tokenizer(run.tokenizer or task.tokenizer)
 
     def enc(items, name, kept=None):
@@ -722,9 +724,10 @@ def run_pipeline(cfgs: dict) -> Path:
     if run.max_prompt_len + run.max_response_len > base.config.block_size:
         raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len {run.max_response_len} is more "
                          f"than the {base.config.block_size} positions of --init {run.init}")
+    # Batches sized for the device (0); the records keep the flag as given, like --device.
     rows = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
-    cfgs["split"] = split = replace(split, batch_size=split.batch_size or rows)
     cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
+    sized = lambda s: replace(s, batch_size=s.batch_size or rows)  # noqa: E731
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
     # Only now, with the data and the model checked, is --out locked and compared with this run's flags;
@@ -743,7 +746,7 @@ def run_pipeline(cfgs: dict) -> Path:
             problem = str(e)
     if problem := gather(problem)[0]:
         raise ValueError(problem)
-    print_plan(cfgs, base, sft_rows, pairs, device)
+    print_plan({**cfgs, "split": sized(split)}, base, sft_rows, pairs, device)
     new = lambda: GPT(base.config)  # noqa: E731
     rec = records(cfgs, split)
 
@@ -753,18 +756,21 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_cfg = cfgs["rm"]
     rm_config = replace(base.config, **{k: getattr(rm_cfg, k) or getattr(base.config, k)
                                         for k in ("n_layer", "n_head", "n_embd")})
+    if rm_config.n_embd % rm_config.n_head:
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {rm_config.n_head} heads, got "
+                         f"{rm_config.n_embd}")
     rm_init = base if rm_cfg.init == "base" else sft_model  # author: the RM starts from the base LM
     start_rm = (lambda: ScalarModel.from_gpt(rm_init)) if rm_config == base.config else (lambda: ScalarModel(rm_config))
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(rm_config), lambda d: train_reward_model(
         start_rm(), pairs, rm_cfg, d, pairs_eval, sft_eval if rm_cfg.normalize else None), run.stop_after, rec["rm"])
 
     def pairs_of(s):
-        return cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
+        return cached_pairs(out, sized(s), sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
 
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
-        chosen, rejected = score_pairs(rm, pairs_eval, split.batch_size, device)  # this run's held-out pairs
+        chosen, rejected = score_pairs(rm, pairs_eval, rows, device)  # this run's held-out pairs
         rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, chosen - rejected, rows, gaps,
                                          split_stats["delta"])
     if run.stop_after == "split":
@@ -973,11 +979,11 @@ LIMITS = {
                      "eval.samples"), POSITIVE),
     **dict.fromkeys(("*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",
                      "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
-                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples",
+                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.max_iterations", "ppo.num_samples",
                      "eval.temperature", "eval.tie", "eval.show", "rm.n_layer", "rm.n_head", "rm.n_embd",
                      "demo.noise_temperature"), AT_LEAST_0),
-    **dict.fromkeys(("demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval", "demo.prompts_eval"),
-                    POSITIVE),
+    **dict.fromkeys(("demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval"), POSITIVE),
+    "demo.prompts_eval": (lambda v: 0 < v < 648, "in [1, 647] (the demo has 648 prompts; the rest train)"),
     "run.data_seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
@@ -1006,6 +1012,11 @@ def validate(cfgs: dict):
     run, ppo_cfg, world = cfgs["run"], cfgs["ppo"], int(os.environ.get("WORLD_SIZE", 1))
     if not run.init and run.n_embd % run.n_head:
         raise ValueError(f"argument --n_embd: must be a multiple of --n_head {run.n_head}, got {run.n_embd}")
+    rm_cfg = cfgs["rm"]
+    rm_embd, rm_head = rm_cfg.n_embd or run.n_embd, rm_cfg.n_head or run.n_head  # 0: the policy's
+    if not run.init and rm_embd % rm_head:  # with --init the policy's shape is known once it loads: run_pipeline
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {rm_head} heads (--rm.n_head, else "
+                         f"--n_head), got {rm_embd}")
     for group in ("sft", "rm", "dpo"):
         if cfgs[group].grad_accum % world:
             raise ValueError(f"argument --{group}.grad_accum: must be a multiple of the {world} processes (each takes "
