@@ -424,12 +424,12 @@ class RunConfig:
     template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr" (SUBREDDIT/TITLE/POST)
     max_prompt_len: int = 512      # tokens (author: 512); HH drops whole oldest turns, TL;DR shortens the post
     max_response_len: int = 256    # tokens, EOS included; also the sampling budget
-    methods: str = "dpo_all,ppo_all,mpo"  # what to train beside SFT: baselines dpo_all, ppo_all and mpo
+    methods: str = "dpo_all,ppo_all,mpo"  # beside SFT: dpo_all, dpo_human (DPO on the human pairs), ppo_all, mpo
     max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke tests)
     max_eval: int = 0              # > 0: use only this many held-out SFT examples and pairs in stage evaluations
     variants: str = ""             # ablations, ';'-separated MPO variants of --split fields: "delta=2;stage2_ref=sft"
     out: str = ""                  # run folder; default out/<dataset>
-    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | ppo_all | mpo_dpo | mpo
+    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all | dpo_human | ppo_all | mpo_dpo | mpo
     redo: bool = False             # redo the stages whose recorded flags differ from this run's, and those after them
     device: str = "auto"
     dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too: fast with AMX)
@@ -442,7 +442,7 @@ class RunConfig:
 
 @dataclass
 class SplitConfig:
-    source: str = "resample"   # "resample": two SFT samples per prompt ranked by the RM (author); "human": dataset pairs
+    source: str = "resample"   # "resample": two SFT samples per row ranked by the RM (author); "human": dataset pairs
     delta: float = 1.0         # |gap| >= delta is easy (author: 1 on HH-RLHF, 2 on TL;DR)
     quantile: float = 0.0      # > 0: delta = this quantile of |gap| instead (an RM of unknown scale)
     stage2_ref: str = "dpo"    # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
@@ -513,7 +513,8 @@ def stage(out: Path, name: str, make, fn, stop_after="", settings=None):
 
 def out_of_memory(name: str) -> str:
     """One line for a CUDA out-of-memory error in stage `name` (or outside the stages): what to lower."""
-    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "mpo": "ppo", "ppo_all": "ppo"}.get(name)
+    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "dpo_human": "dpo", "mpo": "ppo",
+             "ppo_all": "ppo"}.get(name)
     knobs = (f"--{group}.batch_size and raise --{group}.grad_accum as much (same effective batch)" if group in
              ("sft", "rm", "dpo") else "--ppo.micro_batch_size (update) or --ppo.prompts_per_step (rollouts)"
              if group == "ppo" else "--split.batch_size and --eval.batch_size (sampling and scoring)")
@@ -578,7 +579,7 @@ def check_checkpoints(paths, base):
 # own folder). --budget is recorded with the DPO and PPO stages only, whose steps it sets.
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants", "stop_after", "redo",
                 "log_every", "eval_every", "ckpt_every", "num_samples", "max_eval", "precompute_ref",
-                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep", "budget"}
+                "micro_batch_size", "gold_reward", "preset", "seeds", "sweep", "budget", "eval_prompts"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -597,13 +598,15 @@ def records(cfgs, split: SplitConfig) -> dict:
     if run.dataset == "demo":  # the demo's data is made by its generator's knobs
         data |= flags_of(cfgs["demo"], "demo")
     sft = data | flags_of(cfgs["sft"], "sft")
-    rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+    rm = (data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+          | ({"max_eval": run.max_eval} if cfgs["rm"].normalize else {}))  # normalised on the held-out SFT rows
     pairs = rm | (sft if split.source == "resample" else {}) | {f"split.{k}": getattr(split, k) for k in
                                                                 ("source", "batch_size", "pairs_per_row")}
     budget = {"budget": run.budget}
     dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
     mpo_dpo = pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")} | dpo_cfg
-    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "ppo_all": pairs | ppo_cfg,
+    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg, "dpo_human": sft | dpo_cfg,
+            "ppo_all": pairs | ppo_cfg,
             "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
 
 
@@ -618,7 +621,8 @@ def plan(out: Path, cfgs) -> dict:
     steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
              ("split", pairs_cache(out, split), rec["pairs"]),
              *[(name, out / name if set(wanted) & set(methods) else None, rec[name]) for name, wanted in
-               (("dpo_all", ["dpo_all"]), ("ppo_all", ["ppo_all"]), ("mpo_dpo", ["mpo_dpo", "mpo"]), ("mpo", ["mpo"]))]]
+               (("dpo_all", ["dpo_all"]), ("dpo_human", ["dpo_human"]), ("ppo_all", ["ppo_all"]),
+                ("mpo_dpo", ["mpo_dpo", "mpo"]), ("mpo", ["mpo"]))]]
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
@@ -701,6 +705,7 @@ def run_pipeline(cfgs: dict) -> Path:
     task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, cfgs["demo"])
     if run.gold_reward:  # tried once here, before anything under --out changes
         task.gold_reward = load_gold_reward(run.gold_reward, (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen))
+        task.gold_best = None  # a task's best gold is that of its own reward
     tok = get_tokenizer(run.tokenizer or task.tokenizer)
 
     def enc(items, name, kept=None):
@@ -719,9 +724,10 @@ def run_pipeline(cfgs: dict) -> Path:
     if run.max_prompt_len + run.max_response_len > base.config.block_size:
         raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len {run.max_response_len} is more "
                          f"than the {base.config.block_size} positions of --init {run.init}")
+    # Batches sized for the device (0); the records keep the flag as given, like --device.
     rows = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
-    cfgs["split"] = split = replace(split, batch_size=split.batch_size or rows)
     cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
+    sized = lambda s: replace(s, batch_size=s.batch_size or rows)  # noqa: E731
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
     # Only now, with the data and the model checked, is --out locked and compared with this run's flags;
@@ -740,7 +746,7 @@ def run_pipeline(cfgs: dict) -> Path:
             problem = str(e)
     if problem := gather(problem)[0]:
         raise ValueError(problem)
-    print_plan(cfgs, base, sft_rows, pairs, device)
+    print_plan({**cfgs, "split": sized(split)}, base, sft_rows, pairs, device)
     new = lambda: GPT(base.config)  # noqa: E731
     rec = records(cfgs, split)
 
@@ -750,18 +756,21 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_cfg = cfgs["rm"]
     rm_config = replace(base.config, **{k: getattr(rm_cfg, k) or getattr(base.config, k)
                                         for k in ("n_layer", "n_head", "n_embd")})
+    if rm_config.n_embd % rm_config.n_head:
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {rm_config.n_head} heads, got "
+                         f"{rm_config.n_embd}")
     rm_init = base if rm_cfg.init == "base" else sft_model  # author: the RM starts from the base LM
     start_rm = (lambda: ScalarModel.from_gpt(rm_init)) if rm_config == base.config else (lambda: ScalarModel(rm_config))
     rm, rm_metrics = stage(out, "rm", lambda: ScalarModel(rm_config), lambda d: train_reward_model(
         start_rm(), pairs, rm_cfg, d, pairs_eval, sft_eval if rm_cfg.normalize else None), run.stop_after, rec["rm"])
 
     def pairs_of(s):
-        return cached_pairs(out, s, sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
+        return cached_pairs(out, sized(s), sft_model, rm, pairs, tok, run, device, records(cfgs, s)["pairs"])
 
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
-        chosen, rejected = score_pairs(rm, pairs_eval, split.batch_size, device)  # this run's held-out pairs
+        chosen, rejected = score_pairs(rm, pairs_eval, rows, device)  # this run's held-out pairs
         rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, chosen - rejected, rows, gaps,
                                          split_stats["delta"])
     if run.stop_after == "split":
@@ -777,6 +786,11 @@ def run_pipeline(cfgs: dict) -> Path:
             trainable_copy(sft_model), sft_model, rows, budget(rows, [])["dpo"], d, stage="dpo_all"),
             run.stop_after, rec["dpo_all"])[0]
     skipped("dpo_all", "" if "dpo_all" in methods else run.stop_after)
+    if "dpo_human" in methods:  # the paper's vanilla DPO: the dataset's own pairs, not the resampled ones
+        models["dpo_human"] = stage(out, "dpo_human", new, lambda d: dpo(
+            trainable_copy(sft_model), sft_model, pairs, budget(pairs, [])["dpo"], d, stage="dpo_human"),
+            run.stop_after, rec["dpo_human"])[0]
+    skipped("dpo_human", "" if "dpo_human" in methods else run.stop_after)
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
@@ -792,8 +806,8 @@ def run_pipeline(cfgs: dict) -> Path:
                                    task.gold_reward, rec)
     for name in ("mpo_dpo", "mpo"):
         skipped(name, "" if {name, "mpo"} & set(methods) else run.stop_after)
-    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"],
-                            "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders (its compute)
+    variants, stages = {}, {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"], "ppo_all": ["ppo_all"],
+                            "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}  # each model's own stage folders
     for text in filter(None, run.variants.split(";")):  # ablations share the SFT model, the RM and the pairs
         v = with_split(split, parse_fields(SplitConfig, text))
         folder = variant_folder(out, text)
@@ -945,9 +959,11 @@ CHOICES = {"run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"), "run.preset": ("
            "run.dtype": tuple(AUTOCAST_DTYPES),
            "split.source": ("resample", "human"), "split.stage2_ref": ("dpo", "sft"),
            "split.order": ("easy_first", "hard_first"), "dpo.loss_type": ("sigmoid", "ipo"),
-           "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "ppo_all", "mpo_dpo", "mpo"),
+           "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo", "mpo"),
            **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")}}
-METHODS = ("dpo_all", "ppo_all", "mpo", "mpo_dpo")  # mpo_dpo: MPO's first stage alone, evaluated too
+# mpo_dpo: MPO's first stage alone, evaluated too; dpo_human: DPO on the dataset's own human pairs (the paper's
+# vanilla DPO; on the demo's 100,000 pairs slow unless --budget matched)
+METHODS = ("dpo_all", "dpo_human", "ppo_all", "mpo", "mpo_dpo")
 
 
 # What each flag accepts, checked (validate) before anything is read or written: "group.field", or
@@ -963,11 +979,11 @@ LIMITS = {
                      "eval.samples"), POSITIVE),
     **dict.fromkeys(("*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",
                      "run.max_eval", "rm.center_coef", "split.delta", "ppo.top_k", "ppo.kl_coef", "ppo.kl_target",
-                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.num_samples",
+                     "ppo.vf_coef", "ppo.ent_coef", "ppo.ckpt_every", "ppo.eval_prompts", "ppo.max_iterations", "ppo.num_samples",
                      "eval.temperature", "eval.tie", "eval.show", "rm.n_layer", "rm.n_head", "rm.n_embd",
                      "demo.noise_temperature"), AT_LEAST_0),
-    **dict.fromkeys(("demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval", "demo.prompts_eval"),
-                    POSITIVE),
+    **dict.fromkeys(("demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval"), POSITIVE),
+    "demo.prompts_eval": (lambda v: 0 < v < 648, "in [1, 647] (the demo has 648 prompts; the rest train)"),
     "run.data_seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "*.seed": (lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
     "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
@@ -996,6 +1012,11 @@ def validate(cfgs: dict):
     run, ppo_cfg, world = cfgs["run"], cfgs["ppo"], int(os.environ.get("WORLD_SIZE", 1))
     if not run.init and run.n_embd % run.n_head:
         raise ValueError(f"argument --n_embd: must be a multiple of --n_head {run.n_head}, got {run.n_embd}")
+    rm_cfg = cfgs["rm"]
+    rm_embd, rm_head = rm_cfg.n_embd or run.n_embd, rm_cfg.n_head or run.n_head  # 0: the policy's
+    if not run.init and rm_embd % rm_head:  # with --init the policy's shape is known once it loads: run_pipeline
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {rm_head} heads (--rm.n_head, else "
+                         f"--n_head), got {rm_embd}")
     for group in ("sft", "rm", "dpo"):
         if cfgs[group].grad_accum % world:
             raise ValueError(f"argument --{group}.grad_accum: must be a multiple of the {world} processes (each takes "

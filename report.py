@@ -122,7 +122,7 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              f"Held-out prompts, {cfgs['eval'].samples} sampled response(s) each (temperature "
              f"{cfgs['eval'].temperature}); win / tie / lose against the SFT model's response to the same prompt "
              "(same sample index), by reward-model score"
-             + (". `gold` is the demo task's true reward." if key == "gold" else "."), "",
+             + (". `gold` is the task's own gold reward (the demo's, or --gold_reward)." if key == "gold" else "."), "",
              *table(results, cols), "", *subset_table(results),
              *([f"Room to improve: the best gold reward achievable on these prompts is {gold_best:.3f} on average, "
                 f"the SFT model's mean gold {results['sft']['gold']:.3f} "
@@ -162,10 +162,13 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
         lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
     # Every stage was made with the settings it recorded (a rerun with others is refused), so together they
     # describe what was run, also when each stage came from another command line (train.sh).
-    settings = {k: v for stage in made.values() for k, v in stage.items()}
+    # The ablation variants' stages differ in their split flags: theirs stand apart.
+    settings = {k: v for name, stage in made.items() if not name.startswith("variants") for k, v in stage.items()}
+    variant_settings = {name: stage for name, stage in made.items() if name.startswith("variants")}
     lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (mpo.py's "
               "NOT_RECORDED ones do not change results), then the evaluation's:", "", "```json",
-              json.dumps({"stages": settings, "eval": asdict(cfgs["eval"])}, indent=1), "```"]
+              json.dumps({"stages": settings, **({"variants": variant_settings} if variant_settings else {}),
+                          "eval": asdict(cfgs["eval"])}, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
 

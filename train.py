@@ -69,18 +69,10 @@ def setup_distributed() -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    atexit.register(leave_distributed)
+    atexit.register(dist.destroy_process_group)
     if not is_main():
         builtins.print = lambda *args, **kwargs: None  # progress and reports from rank 0 only
     return world_size()
-
-
-def leave_distributed():
-    """At exit: wait for every rank, then tear the process group down. A rank that destroys it while
-    another still talks to it can abort in gloo's threads ("terminate called without an active exception")."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -130,3 +130,15 @@ def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
     for per_row, prompts in ((True, [[1, 2], [5], [1, 2]]), (False, [[1, 2], [5]])):
         made, gaps = make_pairs("resample", GPT(config), ScalarModel(config), rows, 256, 4, 8, "cpu", 0, per_row)
         assert [p for p, _, _ in made] == prompts and (gaps >= 0).all() and len(gaps) == len(prompts)
+
+
+def test_dpo_human_trains_on_the_datasets_own_pairs(tmp_path):
+    out = tmp_path / "run"
+    argv = TINY_RUN[:-2] + ["--methods", "dpo_all,dpo_human", "--seeds", "1", "--out", str(out)]
+    text = run_pipeline(parse_args(argv)).read_text()
+    assert "| dpo_human |" in text and "| dpo_all |" in text
+    human, resampled = (json.loads((out / name / "settings.json").read_text()) for name in ("dpo_human", "dpo_all"))
+    assert "split.source" not in human and resampled["split.source"] == "resample"  # no resampling behind it
+    assert {k: v for k, v in resampled.items() if k in human} == human  # the same SFT model and DPO flags
+    results = json.loads((out / "results.json").read_text())["methods"]
+    assert results["dpo_human"]["compute"]["policy_steps"] == results["dpo_all"]["compute"]["policy_steps"] == 2
