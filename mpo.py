@@ -725,9 +725,9 @@ def run_pipeline(cfgs: dict) -> Path:
         raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len {run.max_response_len} is more "
                          f"than the {base.config.block_size} positions of --init {run.init}")
     # Batches sized for the device (0); the records keep the flag as given, like --device.
-    rows = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
-    cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or rows)
-    sized = lambda s: replace(s, batch_size=s.batch_size or rows)  # noqa: E731
+    batch = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
+    cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or batch)
+    sized = lambda s: replace(s, batch_size=s.batch_size or batch)  # noqa: E731
     set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
     # Only now, with the data and the model checked, is --out locked and compared with this run's flags;
@@ -770,7 +770,7 @@ def run_pipeline(cfgs: dict) -> Path:
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, tok)
     if task.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
-        chosen, rejected = score_pairs(rm, pairs_eval, rows, device)  # this run's held-out pairs
+        chosen, rejected = score_pairs(rm, pairs_eval, batch, device)  # this run's held-out pairs
         rm_metrics["gold"] = gold_checks(task.gold_reward, tok, pairs_eval, chosen - rejected, rows, gaps,
                                          split_stats["delta"])
     if run.stop_after == "split":
