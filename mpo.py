@@ -572,7 +572,8 @@ def check_checkpoints(paths, base):
 # starts from, so a change reaches every stage after it. Not recorded, as they change how or where a result
 # is computed, or what is logged, but not the result: out, device, dtype, compile, grad_checkpoint, what
 # else runs (methods, variants, stop_after, redo), log_every, eval_every, ckpt_every, num_samples, the
-# evaluation (max_eval, eval.*: the evaluation reruns every time), and the memory knobs an out-of-memory
+# evaluation (max_eval, eval.*: the evaluation reruns every time; but a normalised RM
+# records max_eval, whose held-out SFT rows set its gain and bias), and the memory knobs an out-of-memory
 # error asks to change (precompute_ref, ppo.micro_batch_size; batch_size and grad_accum are recorded as
 # their product, the effective batch), the gold function (it scores, it does not train), the preset (the
 # values it sets are recorded one by one) and the study's seeds and sweep (each seed and multiple has its

@@ -399,11 +399,12 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
                             "use another --out, or add --redo to redo sft and the stages after it"),
     (["--seed", "1"], "sft: made with --seed 0, this run has --seed 1 (and 1 more); "),
     (["--rm.margin", "0.5"], "rm: made with --rm.margin 0.0, this run has --rm.margin 0.5; "),
-    (["--split.batch_size", "8"], "pairs_resample: made with --split.batch_size 32, this run has "
+    (["--split.batch_size", "8"], "pairs_resample: made with --split.batch_size 0, this run has "
                                   "--split.batch_size 8;"),
     (["--sft.batch_size", "16"], "sft: made with --sft.batch_size x --sft.grad_accum 32, this run has --sft.batch_size "
                                  "x --sft.grad_accum 16; "),
-], ids=["lr", "seed", "rm", "pairs", "effective batch"])
+    (["--max_eval", "50"], "rm: made with --max_eval 0, this run has --max_eval 50;"),  # the RM's normalisation rows
+], ids=["lr", "seed", "rm", "pairs", "effective batch", "max_eval"])
 def test_a_rerun_with_other_flags_is_refused_naming_the_stage_and_the_flag(argv, expected, whole, tmp_path, capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     before = hashes(out)
@@ -430,7 +431,7 @@ def test_flags_that_change_no_result_are_no_conflict_and_leftovers_are_cleared(w
         f.write('{"stage": "rm", "st')
     kept = {k: v for k, v in hashes(out).items() if k.startswith(("sft/", "rm/", "pairs_")) and ".tmp" not in k}
     mpo.main(["--out", str(out), *TINY, "--sft.log_every", "7", "--sft.eval_every", "0", "--rm.ckpt_every", "3",
-              "--sft.batch_size", "16", "--sft.grad_accum", "2", "--eval.samples", "2", "--max_eval", "50",
+              "--sft.batch_size", "16", "--sft.grad_accum", "2", "--eval.samples", "2",
               "--dtype", "fp32", "--device", "cpu"])
     stdout = capsys.readouterr().out
     assert "sft: done in an earlier run" in stdout and "rm: done in an earlier run" in stdout
@@ -483,7 +484,7 @@ def test_stop_after_a_skipped_stage_stops_there(argv, stopped, whole, tmp_path, 
     (["--ppo.kl_coef", "nan"], "argument --ppo.kl_coef: must be a finite number, got nan"),
     (["--dpo.beta", "inf"], "argument --dpo.beta: must be a finite number, got inf"),
     (["--split.delta", "-1"], "argument --split.delta: must be >= 0, got -1.0"),
-    (["--rm.n_embd", "66"], "argument --rm.n_embd: must be a multiple of the RM's 2 heads"),
+    (["--rm.n_embd", "65"], "argument --rm.n_embd: must be a multiple of the RM's 2 heads"),
     (["--ppo.max_iterations", "-3"], "argument --ppo.max_iterations: must be >= 0, got -3"),
     (["--demo.prompts_eval", "648"], "argument --demo.prompts_eval: must be in [1, 647]"),
     (["--sft.lr", "-1"], "argument --sft.lr: must be > 0, got -1.0"),
