@@ -42,7 +42,7 @@ from ppo import PPOConfig, ppo
 from report import METRICS, seed_record, study, write_report, write_study, write_sweep
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, gather, is_main,
                    load_checkpoint, load_weights, lock_run_folder, memory_estimate, pick_device, progress, rank,
-                   record_of, release_run_folders, remove_leftovers, remove_stale, sampling_batch, set_dtype,
+                   optimizer_steps, record_of, release_run_folders, remove_leftovers, remove_stale, sampling_batch, set_dtype,
                    setup_distributed, shard, stale_records, time_probe, to_device, train, unshard, world_size)
 
 
@@ -652,11 +652,6 @@ def print_memory_estimate(config, cfgs, device):
           + ", ".join(f"{name} {size['total'] / 2**30:.2f} GiB" for name, size in sizes.items())
           + " per process (weights, AdamW state, one micro-batch's activations and logits; lower a stage's "
           "batch_size or add --grad_checkpoint if that is more than the device has)")
-
-
-def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
-    """The optimizer steps train.train takes on `rows` training rows."""
-    return cfg.max_steps or max(1, int(cfg.epochs * (rows // max(1, min(cfg.batch_size, rows)))) // cfg.grad_accum)
 
 
 def print_plan(cfgs, base, sft_rows, pairs, device):

@@ -366,6 +366,12 @@ def timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
+    """The optimizer steps train() takes on `rows` training rows: cfg.max_steps, else cfg.epochs passes of
+    whole micro-batches (Batches), grad_accum to a step."""
+    return cfg.max_steps or max(1, int(cfg.epochs * (rows // max(1, min(cfg.batch_size, rows)))) // cfg.grad_accum)
+
+
 def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up over cfg.warmup_steps, then
     cfg.decay ("cosine" or "linear" to 0, or "constant") from the peak `lr` (default cfg.lr)."""
@@ -532,7 +538,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     model.to(device)
     optimizer = adamw(model, cfg, device)
     batches = Batches(train_data, cfg.batch_size, cfg.seed)
-    total = cfg.max_steps or max(1, int(cfg.epochs * batches.per_epoch) // cfg.grad_accum)
+    total = optimizer_steps(cfg, len(train_data))
     step, result = 0, {}
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.seed + rank() * 100003)  # each rank its own random stream (dropout)

@@ -161,7 +161,7 @@ def test_progress_rate_reads_for_slow_steps_and_long_phases_print(capsys):
 
 @pytest.mark.parametrize("n,kw", [(64, {}), (50, {"epochs": 2.5, "batch_size": 6}), (3, {"batch_size": 8})])
 def test_the_plan_counts_the_steps_train_takes(tmp_path, n, kw):
-    from mpo import optimizer_steps
+    from train import optimizer_steps
     c = cfg(max_steps=0, eval_every=0, ckpt_every=1000, **kw)
     train(toy(), mse, rows(n), None, c, tmp_path, "toy", collate)
     assert max(line["step"] for line in lines(tmp_path)) == optimizer_steps(c, n)
