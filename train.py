@@ -18,14 +18,12 @@ import atexit
 import builtins
 import contextlib
 import datetime
-import fcntl
 import json
 import math
 import os
 import pickle
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -227,118 +225,6 @@ def atomic_save(obj, path):
     results."""
     if is_main():
         atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
-
-
-# One run per --out, and every stage there made with this run's settings. A run holds out/.lock (an
-# flock: the kernel drops it when the holder dies, so a killed run's lock never blocks) and the file
-# names its pid; what a stage depends on is recorded beside it (record_of) and compared before a rerun
-# changes anything.
-_LOCKS = {}  # out/.lock -> its open file, for the folders this process holds
-
-
-def lock_run_folder(out: Path):
-    """Hold out/.lock until release_run_folders() or the end of the process; a second run on the same out
-    gets a one-line ValueError naming the holder's pid. Under torchrun rank 0 holds it for all ranks."""
-    path = out.resolve() / ".lock"
-    if not is_main() or path in _LOCKS:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    while True:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read(32).strip() or "unknown"
-            f.close()
-            raise ValueError(f"{out}: in use by another run (pid {holder}, which holds {out / '.lock'}); wait for it "
-                             "to end, or use another --out") from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            break
-        f.close()  # its holder removed it between our open and our flock: lock the new one
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _LOCKS[path] = f
-
-
-def release_run_folders():
-    """Remove the lock files this process holds (still holding them, so no other run locks a removed one)."""
-    for path, f in _LOCKS.items():
-        path.unlink(missing_ok=True)
-        f.close()
-    _LOCKS.clear()
-
-
-def remove_leftovers(out: Path):
-    """Delete what runs killed mid-write left under out: model.atomic_write's .<name>.<pid>.tmp files and
-    the folders remove_stale renamed. Call it with the lock held: then no other run writes there."""
-    for path in sorted(out.rglob(".*.tmp"), key=lambda p: len(p.parts)):
-        if re.fullmatch(r"\..+\.\d+\.tmp", path.name) and (path.is_symlink() or path.exists()):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-def record_of(path: Path) -> Path:
-    """Where the settings of a stage folder (settings.json inside) or a cache file (name.json) are kept."""
-    return path / "settings.json" if path.suffix != ".pt" else path.with_suffix(".json")
-
-
-def stale_records(out: Path, plan: dict, redo: bool) -> list:
-    """The folders and caches of `plan` ({path under out: the settings this run would make it with}) that
-    were made with other settings. Without `redo` the first is a one-line ValueError naming the stage and
-    the changed flags. A stage's settings include those of the stages it starts from, so the stages after
-    a changed one are stale too."""
-    stale = []
-    for path, settings in plan.items():
-        name, record = str(path.relative_to(out)).removesuffix(".pt"), record_of(path)
-        fix = f"rerun with the same flags, use another --out, or add --redo to redo {name} and the stages after it"
-        if record.exists():
-            try:
-                assert regular_file(record).stat().st_size < 1 << 20
-                made = json.loads(record.read_text())
-                assert isinstance(made, dict)
-            except (OSError, ValueError, AssertionError):
-                if not redo:
-                    raise ValueError(f"{record}: not a settings record (a JSON object); {fix}") from None
-                made = None
-        elif path.is_file() or any(path.glob("final.pt")) or any(path.glob("*_ckpt.pt")):
-            made = None  # made by an older mpo.py, which recorded nothing
-        else:
-            continue
-        now = json.loads(json.dumps(settings))
-        changed = [k for k in dict.fromkeys([*now, *(made or {})]) if (made or {}).get(k, ...) != now.get(k, ...)]
-        if made is not None and not changed:
-            continue
-        if redo:
-            stale.append(path)
-            continue
-        if made is None:
-            raise ValueError(f"{name}: {path} has no record of the flags it was made with ({record.name}); {fix}")
-
-        def shown(values, k=changed[0]):
-            return f"--{k.replace('*', ' x --')} {_flag_text(values[k])}" if k in values else f"no --{k}"
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise ValueError(f"{name}: made with {shown(made)}, this run has {shown(now)}{more}; {fix}")
-    return stale
-
-
-def _flag_text(value) -> str:
-    return json.dumps(value) if isinstance(value, bool) or value == "" else str(value)
-
-
-def remove_stale(paths: list):
-    """--redo: delete these folders and caches (with their records), last first. Each is first renamed to
-    a temporary name (atomic), so a crash leaves it whole or gone, never half deleted (remove_leftovers
-    clears what is left)."""
-    for path in reversed(paths):
-        for p in [path] if path.is_dir() else [path, record_of(path)]:
-            if p.exists():
-                trash = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-                os.replace(p, trash)
-                shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-        print(f"--redo: removed {path}, made with other settings")
-
-
 
 
 def rate_eta(done: int, total: int, seconds: float) -> str:

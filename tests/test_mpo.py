@@ -94,7 +94,7 @@ def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory
 
 
 def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
-    from mpo import EvalConfig, RunConfig, evaluate
+    from mpo import Data, EvalConfig, RunConfig, compare_to_sft
     from model import GPT, GPTConfig, ScalarModel
     torch.manual_seed(0)
     tok = get_tokenizer("byte")
@@ -104,7 +104,8 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
     prompts = [list(f"prompt {i}:".encode()) for i in range(6)]
     subsets = ["helpful", "harmless", "helpful", "helpful", "harmless", "helpful"]
     cfg = EvalConfig(samples=2, batch_size=4)
-    results, _ = evaluate(models, rm, prompts, None, tok, RunConfig(max_response_len=6), cfg, "cpu", subsets)
+    run = RunConfig(max_response_len=6)
+    results, _ = compare_to_sft(models, rm, Data(tok, prompts_eval=prompts, subsets=subsets), run, cfg, "cpu")
     for name, r in results.items():
         parts = r["subsets"]
         assert {s: p["prompts"] for s, p in parts.items()} == {"helpful": 4, "harmless": 2}
@@ -112,11 +113,11 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
         assert whole == pytest.approx(r["rm_score"], abs=1e-5)
         assert sum(p["win_rate"] * p["prompts"] for p in parts.values()) / 6 == pytest.approx(r["win_rate"])
     assert all(p["win_rate"] == 0.5 for p in results["sft"]["subsets"].values())  # ties with itself
-    assert "subsets" not in evaluate(models, rm, prompts, None, tok, RunConfig(max_response_len=6), cfg, "cpu")[0]["sft"]
+    assert "subsets" not in compare_to_sft(models, rm, Data(tok, prompts_eval=prompts), run, cfg, "cpu")[0]["sft"]
 
 
 def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
-    from mpo import make_pairs
+    from mpo import RunConfig, make_pairs
     from model import GPT, GPTConfig, ScalarModel
     hh, tldr = parse_args(["--dataset", "hh-rlhf"]), parse_args(["--dataset", "tldr"])
     assert hh["split"].delta == 1.0 and tldr["split"].delta == 2.0  # author: 1 on HH-RLHF, 2 on TL;DR
@@ -128,7 +129,8 @@ def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
     config = GPTConfig(block_size=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)
     rows = [([1, 2], [3, 256], [4, 256]), ([5], [6, 256], [7, 256]), ([1, 2], [8, 256], [9, 256])]  # a repeated prompt
     for per_row, prompts in ((True, [[1, 2], [5], [1, 2]]), (False, [[1, 2], [5]])):
-        made, gaps = make_pairs("resample", GPT(config), ScalarModel(config), rows, 256, 4, 8, "cpu", 0, per_row)
+        split = SplitConfig(batch_size=8, pairs_per_row=per_row)
+        made, gaps = make_pairs(GPT(config), ScalarModel(config), rows, split, RunConfig(max_response_len=4), 256, "cpu")
         assert [p for p, _, _ in made] == prompts and (gaps >= 0).all() and len(gaps) == len(prompts)
 
 

@@ -374,7 +374,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
                                                                                                   capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; sys.path.insert(0, "
-                               f"{str(REPO)!r}); import train; train.lock_run_folder(Path({str(out)!r})); "
+                               f"{str(REPO)!r}); import runs; runs.lock_run_folder(Path({str(out)!r})); "
                                "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -387,10 +387,10 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
         holder.kill()
         holder.wait()
     assert (out / ".lock").read_text() == f"{holder.pid}\n"  # a killed holder leaves its pid, but no lock
-    import train
-    train.lock_run_folder(out)
+    import runs
+    runs.lock_run_folder(out)
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
-    train.release_run_folders()
+    runs.release_run_folders()
     assert not (out / ".lock").exists()
 
 

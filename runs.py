@@ -1,0 +1,565 @@
+"""Run folders: the plumbing under mpo.py's pipeline, so that mpo.py can read as the method.
+
+A run folder (--out) holds one run: a folder per stage with its final weights, metrics and the
+settings it was made with. `stage` runs a stage once and loads it on a rerun (resume); the records
+(`records`, `plan`) let a rerun with other flags refuse, or with --redo remake, only the stages
+those flags change; `open_run_folder` locks the folder and checks all of that before anything under
+it changes. Then the study's many run folders: one per seed (`run_seeds`) and per regularisation
+strength (`run_sweep`).
+"""
+import contextlib
+import datetime
+import fcntl
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from flags import parse_fields, sweep_factors, with_split
+from model import regular_file
+from report import seed_record, study, write_study, write_sweep
+from train import (AUTOCAST_DTYPE, atomic_save, check_shapes, gather, is_main, load_checkpoint,
+                   load_weights, memory_estimate, optimizer_steps, pick_device, time_probe,
+                   world_size)
+
+
+class StopAfter(Exception):
+    """Raised after the stage named by --stop_after, so that train.sh can run one stage per line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a stage, with the stage's name for main's one line."""
+
+
+class Stages:
+    """The stages of one run folder. `run` makes a stage once: its final weights go to
+    out/name/final.pt and its metrics (wall time included) to out/name/result.json; a rerun with the
+    same out loads them and skips the stage. The stage's settings (`records[name]`, what it depends
+    on) go to out/name/settings.json as it starts. After the stage --stop_after names: StopAfter."""
+
+    def __init__(self, out: Path, records: dict, stop_after: str = ""):
+        self.out, self.records, self.stop_after = out, records, stop_after
+
+    def run(self, name: str, make, fn):
+        """fn(folder) -> (model, metrics) trains the stage; make() -> an empty model to load it
+        into."""
+        folder = self.out / name
+        final, result = folder / "final.pt", folder / "result.json"
+        if final.exists():
+            model = make()
+            load_weights(model, load_checkpoint(final), final)
+            try:
+                metrics = json.loads(regular_file(result).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{result}: cannot read ({' '.join(str(e).split())}); "
+                                 f"delete {folder} to redo {name}")
+            print(f"{name}: done in an earlier run, loaded {final}")
+            self.stop_if_last(name)
+            return model, metrics
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(json.dumps(self.records[name], indent=1).encode(), folder / "settings.json")
+        start = time.time()
+        try:
+            model, metrics = fn(folder)
+        except torch.OutOfMemoryError:  # its own message is a page of allocator statistics
+            raise RuntimeError(out_of_memory(name)) from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"{name} ({folder})") from None
+        metrics = {**metrics, "wall_s": time.time() - start}
+        atomic_save(json.dumps(metrics, indent=1).encode(), result)
+        atomic_save(model.state_dict(), final)  # written last: its presence marks the stage done
+        if is_main():
+            for ckpt in folder.glob("*_ckpt.pt"):  # the mid-stage resume point, superseded
+                ckpt.unlink()
+        print(f"{name}: finished in {metrics['wall_s']:.0f}s, saved {final}")
+        self.stop_if_last(name)
+        return model.cpu(), metrics
+
+    def stop_if_last(self, name: str, skipped=False):
+        """StopAfter once the stage --stop_after names is done, or skipped (not in --methods, or one
+        side of the split empty): a run stops where that stage would have run, never later."""
+        if name == self.stop_after:
+            raise StopAfter(f"{name} (skipped in this run)" if skipped else name)
+
+
+def out_of_memory(name: str) -> str:
+    """One line for a CUDA out-of-memory error in stage `name` (or outside the stages): what to
+    lower."""
+    group = {"sft": "sft", "rm": "rm", "mpo_dpo": "dpo", "dpo_all": "dpo", "dpo_human": "dpo",
+             "mpo": "ppo", "ppo_all": "ppo"}.get(name)
+    if group in ("sft", "rm", "dpo"):
+        knobs = (f"--{group}.batch_size and raise --{group}.grad_accum as much (same effective "
+                 "batch)")
+    elif group == "ppo":
+        knobs = "--ppo.micro_batch_size (update) or --ppo.prompts_per_step (rollouts)"
+    else:
+        knobs = "--split.batch_size and --eval.batch_size (sampling and scoring)"
+    return (f"{name}: CUDA out of memory; lower {knobs}, or --max_prompt_len / --max_response_len; "
+            "finished stages and the last checkpoint are kept: rerun with the same --out to resume")
+
+
+# What decides a stage's weights, recorded as it starts (stage(), settings.json) and compared before
+# a rerun changes anything (train.stale_records): the data (dataset, data_dir, template, lengths,
+# max_train), the model (init, or a fresh GPT's shape), the seed, the stage's own config, and the
+# records of the stages it starts from, so a change reaches every stage after it. Not recorded, as
+# they change how or where a result is computed, or what is logged, but not the result: out, device,
+# dtype, compile, grad_checkpoint, what else runs (methods, variants, stop_after, redo), log_every,
+# eval_every, ckpt_every, num_samples, the evaluation (max_eval, eval.*: the evaluation reruns every
+# time; but a normalised RM records max_eval, whose held-out SFT rows set its gain and bias), and
+# the memory knobs an out-of-memory error asks to change (precompute_ref, ppo.micro_batch_size;
+# batch_size and grad_accum are recorded as their product, the effective batch), the gold function
+# (it scores, it does not train), the preset (the values it sets are recorded one by one) and the
+# study's seeds and sweep (each seed and multiple has its own folder). --budget is recorded with the
+# DPO and PPO stages only, whose steps it sets.
+NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants",
+                "stop_after", "redo", "log_every", "eval_every", "ckpt_every", "num_samples",
+                "max_eval", "precompute_ref", "micro_batch_size", "gold_reward", "preset", "seeds",
+                "sweep", "budget", "eval_prompts"}
+
+
+def flags_of(cfg, group: str) -> dict:
+    """{flag name: value} of cfg's recorded fields ("sft.lr"; the run's own fields without a
+    prefix)."""
+    pre = "" if group == "run" else f"{group}."
+    values = {pre + k: v for k, v in asdict(cfg).items() if k not in NOT_RECORDED}
+    if pre + "grad_accum" in values:
+        batch = values.pop(pre + "batch_size") * values.pop(pre + "grad_accum")
+        values[f"{pre}batch_size*{pre}grad_accum"] = batch
+    return values
+
+
+def records(cfgs, split) -> dict:
+    """{stage or cache: the settings it depends on} for one split (MPO's, or an ablation
+    variant's)."""
+    run = cfgs["run"]
+    data = {k: v for k, v in flags_of(run, "run").items()
+            if not (run.init and k in ("n_layer", "n_head", "n_embd"))}
+    if run.dataset == "demo":  # the demo's data is made by its generator's knobs
+        data |= flags_of(cfgs["demo"], "demo")
+    sft = data | flags_of(cfgs["sft"], "sft")
+    rm = (data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
+          | ({"max_eval": run.max_eval} if cfgs["rm"].normalize else {}))  # normalised on held-out
+    pairs = (rm | (sft if split.source == "resample" else {})
+             | {f"split.{k}": getattr(split, k) for k in ("source", "batch_size", "pairs_per_row")})
+    budget = {"budget": run.budget}
+    dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
+    mpo_dpo = (pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")}
+               | dpo_cfg)
+    return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg,
+            "dpo_human": sft | dpo_cfg, "ppo_all": pairs | ppo_cfg,
+            "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
+
+
+def variant_folder(out: Path, text: str) -> Path:
+    return out / "variants" / text.replace("=", "-").replace(",", "_")
+
+
+def plan(out: Path, cfgs) -> dict:
+    """{folder or cache under out: its settings} for every stage this run makes or loads, up to
+    --stop_after."""
+    run, split, rec = cfgs["run"], cfgs["split"], records(cfgs, cfgs["split"])
+    methods = run.methods.split(",")
+    wanted_by = {"dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"], "ppo_all": ["ppo_all"],
+                 "mpo_dpo": ["mpo_dpo", "mpo"], "mpo": ["mpo"]}  # the methods a stage is part of
+    steps = [("sft", out / "sft", rec["sft"]), ("rm", out / "rm", rec["rm"]),
+             ("split", pairs_cache(out, split), rec["pairs"]),
+             *[(name, out / name if set(wanted) & set(methods) else None, rec[name])
+               for name, wanted in wanted_by.items()]]
+    if run.stop_after:
+        steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
+    else:
+        for text in filter(None, run.variants.split(";")):
+            v = with_split(split, parse_fields(type(split), text))
+            vrec = records(cfgs, v)
+            steps += [("", pairs_cache(out, v), vrec["pairs"]),
+                      *[("", variant_folder(out, text) / name, vrec[name])
+                        for name in ("mpo_dpo", "mpo")]]
+    return {path: settings for _, path, settings in steps if path is not None}
+
+
+def record_of(path: Path) -> Path:
+    """Where the settings of a stage folder (settings.json inside) or a cache file (name.json) are
+    kept."""
+    return path / "settings.json" if path.suffix != ".pt" else path.with_suffix(".json")
+
+
+def stale_records(out: Path, plan: dict, redo: bool) -> list:
+    """The folders and caches of `plan` ({path under out: the settings this run would make it with})
+    that were made with other settings. Without `redo` the first is a one-line ValueError naming the
+    stage and the changed flags. A stage's settings include those of the stages it starts from, so
+    the stages after a changed one are stale too."""
+    stale = []
+    for path, settings in plan.items():
+        name, record = str(path.relative_to(out)).removesuffix(".pt"), record_of(path)
+        fix = (f"rerun with the same flags, use another --out, or add --redo to redo {name} and "
+               "the stages after it")
+        if record.exists():
+            try:
+                assert regular_file(record).stat().st_size < 1 << 20
+                made = json.loads(record.read_text())
+                assert isinstance(made, dict)
+            except (OSError, ValueError, AssertionError):
+                if not redo:
+                    raise ValueError(f"{record}: not a settings record (a JSON object); "
+                                     f"{fix}") from None
+                made = None
+        elif path.is_file() or any(path.glob("final.pt")) or any(path.glob("*_ckpt.pt")):
+            made = None  # made by an older mpo.py, which recorded nothing
+        else:
+            continue
+        now = json.loads(json.dumps(settings))
+        changed = [k for k in dict.fromkeys([*now, *(made or {})])
+                   if (made or {}).get(k, ...) != now.get(k, ...)]
+        if made is not None and not changed:
+            continue
+        if redo:
+            stale.append(path)
+            continue
+        if made is None:
+            raise ValueError(f"{name}: {path} has no record of the flags it was made with "
+                             f"({record.name}); {fix}")
+
+        def shown(values, k=changed[0]):
+            if k not in values:
+                return f"no --{k}"
+            return f"--{k.replace('*', ' x --')} {_flag_text(values[k])}"
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ValueError(f"{name}: made with {shown(made)}, this run has {shown(now)}{more}; {fix}")
+    return stale
+
+
+def _flag_text(value) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value == "" else str(value)
+
+
+def remove_stale(paths: list):
+    """--redo: delete these folders and caches (with their records), last first. Each is first
+    renamed to a temporary name (atomic), so a crash leaves it whole or gone, never half deleted
+    (remove_leftovers clears what is left)."""
+    for path in reversed(paths):
+        for p in [path] if path.is_dir() else [path, record_of(path)]:
+            if p.exists():
+                trash = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+                os.replace(p, trash)
+                shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        print(f"--redo: removed {path}, made with other settings")
+
+
+# One run per --out, and every stage there made with this run's settings. A run holds out/.lock (an
+# flock: the kernel drops it when the holder dies, so a killed run's lock never blocks) and the file
+# names its pid; what a stage depends on is recorded beside it (record_of) and compared before a
+# rerun changes anything.
+_LOCKS = {}  # out/.lock -> its open file, for the folders this process holds
+
+
+def lock_run_folder(out: Path):
+    """Hold out/.lock until release_run_folders() or the end of the process; a second run on the
+    same out gets a one-line ValueError naming the holder's pid. Under torchrun rank 0 holds it for
+    all ranks."""
+    path = out.resolve() / ".lock"
+    if not is_main() or path in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(32).strip() or "unknown"
+            f.close()
+            raise ValueError(f"{out}: in use by another run (pid {holder}, which holds "
+                             f"{out / '.lock'}); wait for it to end, or use another "
+                             "--out") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # its holder removed it between our open and our flock: lock the new one
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[path] = f
+
+
+def release_run_folders():
+    """Remove the lock files this process holds (still holding them, so no other run locks a removed
+    one)."""
+    for path, f in _LOCKS.items():
+        path.unlink(missing_ok=True)
+        f.close()
+    _LOCKS.clear()
+
+
+def remove_leftovers(out: Path):
+    """Delete what runs killed mid-write left under out: model.atomic_write's .<name>.<pid>.tmp
+    files and the folders remove_stale renamed. Call it with the lock held: then no other run writes
+    there."""
+    for path in sorted(out.rglob(".*.tmp"), key=lambda p: len(p.parts)):
+        if re.fullmatch(r"\..+\.\d+\.tmp", path.name) and (path.is_symlink() or path.exists()):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_checkpoints(paths, base):
+    """Before anything under --out changes, every checkpoint this run would load must be one that
+    loads (weights only, not torn; mmap: no weights read), and SFT's must fit this run's model
+    (every stage has its shape; the others are checked again as they load)."""
+    for path in paths:
+        if path.suffix == ".pt":
+            load_pairs(path, mmap=True)
+            continue
+        for file in [path / "final.pt", *sorted(path.glob("*_ckpt.pt"))]:
+            if file.exists():
+                state = load_checkpoint(file, mmap=True)
+                if path.name == "sft":
+                    check_shapes(base, state.get("model", state), file)
+
+
+def open_run_folder(out: Path, cfgs: dict, base) -> dict:
+    """Lock out, compare what is there with this run's settings, check every checkpoint this run
+    would load, clear what killed runs left and (--redo) the stale stages, and write config.json:
+    only once all of that holds does anything under out change (rank 0 changes it; every rank learns
+    how that went). Returns the plan: {folder or cache: its settings}."""
+    planned, problem = plan(out, cfgs), None
+    if is_main():
+        try:
+            lock_run_folder(out)
+            stale = stale_records(out, planned, cfgs["run"].redo)
+            check_checkpoints([p for p in planned if p.exists() and p not in stale], base)
+            remove_leftovers(out)
+            remove_stale(stale)
+            config = {k: asdict(v) for k, v in cfgs.items()}
+            atomic_save(json.dumps(config, indent=1).encode(), out / "config.json")
+        except ValueError as e:
+            problem = str(e)
+    if problem := gather(problem)[0]:
+        raise ValueError(problem)
+    return planned
+
+
+# The pairs cache: the resampled pairs, costly to make, made once per run folder and source.
+
+def pairs_cache(out: Path, split) -> Path:
+    """out/pairs_<source>.pt, or pairs_resample_per_row.pt: the pairs of one source and sampling."""
+    per_row = "_per_row" if split.pairs_per_row and split.source == "resample" else ""
+    return out / f"pairs_{split.source}{per_row}.pt"
+
+
+def save_pairs(cache: Path, rows, gaps, settings):
+    """Write the pairs made for a split, their settings beside them in a .json of the same name
+    (written first: a cache never lacks its record). The rows are stored as one flat tensor of token
+    ids and their lengths: a list of lists would take minutes to read back through torch.load's
+    weights-only unpickler."""
+    lengths = torch.tensor([[len(x) for x in row] for row in rows], dtype=torch.long).view(-1, 3)
+    atomic_save(json.dumps(settings, indent=1).encode(), record_of(cache))
+    tokens = torch.tensor([t for row in rows for x in row for t in x], dtype=torch.long)
+    atomic_save({"tokens": tokens, "lengths": lengths, "gaps": gaps}, cache)
+
+
+def load_pairs(cache: Path, mmap=False):
+    """(rows, gaps) of a pairs cache, checked to be one."""
+    made = load_checkpoint(cache, mmap=mmap)
+    tokens, lengths, gaps = (made.get(k) for k in ("tokens", "lengths", "gaps"))
+    if not (all(map(torch.is_tensor, (tokens, lengths, gaps)))
+            and lengths.dim() == 2 and lengths.size(1) == 3 and len(lengths) == len(gaps)
+            and (lengths >= 0).all() and int(lengths.sum()) == tokens.numel()):
+        raise ValueError(f"{cache}: not a pairs cache (tokens, lengths, gaps); delete it to "
+                         "resample")
+    parts = [x.tolist() for x in tokens.split(lengths.flatten().tolist())]
+    return [tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)], gaps
+
+
+# The lines a run prints as it starts: what it will hold in memory and how long it will take.
+
+def print_memory_estimate(config, cfgs, device):
+    """One line at start: the estimated peak memory of each training stage (train.memory_estimate).
+    SFT and DPO run the LM head from the shortest prompt of a batch on: up to every position. DPO
+    keeps its reference and the RM (from scoring) on the device; PPO trains policy and critic beside
+    the reference and the RM, with the LM head on the response positions only."""
+    R = cfgs["run"].max_response_len
+    seq = cfgs["run"].max_prompt_len + R
+    bf16 = AUTOCAST_DTYPE.get(device.type) == torch.bfloat16
+    estimate = partial(memory_estimate, config, seq_len=seq, bf16=bf16)
+    sizes = {"sft": estimate(cfgs["sft"].batch_size, head_positions=seq - 1),
+             "rm": estimate(2 * cfgs["rm"].batch_size, head_positions=0),
+             "dpo": estimate(2 * cfgs["dpo"].batch_size, head_positions=seq - 1, frozen=2),
+             "ppo": estimate(cfgs["ppo"].micro_batch_size, head_positions=R, trained=2, frozen=2)}
+    print(f"memory estimate ({device.type}, {'bf16' if bf16 else 'fp32'}"
+          f"{', activation checkpointing' if config.grad_checkpoint else ''}): "
+          + ", ".join(f"{name} {size['total'] / 2**30:.2f} GiB" for name, size in sizes.items())
+          + " per process (weights, AdamW state, one micro-batch's activations and logits; lower a "
+          "stage's batch_size or add --grad_checkpoint if that is more than the device has)")
+
+
+def print_plan(cfgs, base, sft_rows, pairs, device):
+    """One line at start: each stage's work and a rough time, from a timed forward + backward of one
+    SFT micro-batch of full-length rows and timed decoding steps (train.time_probe) times the work,
+    training scaled by the rows' mean length. MPO's two stages are counted at half the data each, as
+    on HH-RLHF (45,600 easy pairs, 40,712 hard); sampling at the full response length (an upper
+    bound)."""
+    run, split, ppo_cfg, ev = cfgs["run"], cfgs["split"], cfgs["ppo"], cfgs["eval"]
+    R = run.max_response_len
+    seq = run.max_prompt_len + run.max_response_len
+    bs = cfgs["sft"].batch_size
+    ppo_rows = ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt
+    t = time_probe(base, bs, seq, (split.batch_size, ppo_rows), device)
+    row = t["train_step"] / bs  # seconds of forward + backward per full-length row
+    n_sft, n_pairs, n_prompts = len(sft_rows), len(pairs), len({tuple(row[0]) for row in pairs})
+    n_split = n_pairs if split.source == "human" or split.pairs_per_row else n_prompts
+    length = {  # mean row length / full length: of an SFT row (1), of a pair's rows (2)
+        1: sum(len(p) + len(r) for p, r in sft_rows) / max(1, n_sft) / seq,
+        2: sum(len(p) + (len(c) + len(r)) / 2 for p, c, r in pairs) / max(1, n_pairs) / seq}
+
+    def trained(cfg, rows, width):  # optimizer steps x rows per step x width rows each (2: a pair)
+        rows_trained = optimizer_steps(cfg, rows) * cfg.batch_size * cfg.grad_accum * width
+        return rows_trained * row * length[width]
+
+    def ppo_time(prompts):  # rollouts, 4 scoring forwards (1/3 of a forward + backward), the update
+        iterations = ppo_cfg.passes * -(-prompts // ppo_cfg.prompts_per_step)
+        passes = 4 / 3 + 2 * ppo_cfg.ppo_epochs
+        rollout = R * t[f"decode_step_{ppo_rows}"] + ppo_rows * row * length[2] * passes
+        evals = 1 + ev.prompts / ppo_rows / max(ppo_cfg.eval_every, 1)
+        return iterations, iterations * rollout * evals
+
+    def sample(n):
+        return -(-n // split.batch_size) * R * t[f"decode_step_{split.batch_size}"]
+
+    def steps(group, rows):
+        return f"{optimizer_steps(cfgs[group], rows):,} steps"
+
+    ppo_all, ppo_all_s = ppo_time(n_prompts)
+    dpo = partial(trained, cfgs["dpo"], width=2)
+    plan = {f"sft {steps('sft', n_sft)}": trained(cfgs["sft"], n_sft, 1),
+            f"rm {steps('rm', n_pairs)}": trained(cfgs["rm"], n_pairs, 2),
+            f"pairs {2 * n_split:,} samples":
+                sample(2 * n_split) if split.source == "resample" else 0.0,
+            f"dpo_all {steps('dpo', n_split)}": dpo(n_split) * 7 / 6,
+            f"ppo_all {ppo_all:,} iterations": ppo_all_s,
+            "mpo_dpo + mpo": dpo(n_split // 2) * 7 / 6 + ppo_time(n_prompts // 2)[1],
+            f"evaluation {ev.prompts * ev.samples:,} samples per model":
+                4 * sample(ev.prompts * ev.samples)}
+
+    def fmt(seconds):
+        return str(datetime.timedelta(seconds=round(seconds)))
+
+    print(f"plan (rough, {device.type}): " + " | ".join(f"{k} ~{fmt(v)}" for k, v in plan.items())
+          + f" | total ~{fmt(sum(plan.values()))}; every stage prints its own rate and ETA")
+
+
+# The study: a run folder per seed (--seeds) and per regularisation strength (--sweep).
+
+def compute(out: Path, folders) -> dict:
+    """A model's training compute, summed over its stage folders' result.json (train.train and
+    ppo.ppo count them): policy optimizer steps, tokens through the policy's forward + backward,
+    responses sampled."""
+    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
+    for folder in folders:
+        if (out / folder / "result.json").exists():
+            r = json.loads((out / folder / "result.json").read_text())
+            for name in total:
+                total[name] += r.get(f"compute/{name.removeprefix('policy_')}", 0)
+    return total
+
+
+def out_folder(run) -> Path:
+    """The run folder: --out, default out/<dataset>."""
+    return Path(run.out or f"out/{run.dataset}")
+
+
+def run_study(cfgs: dict, pipeline) -> Path:
+    """`pipeline(cfgs) -> report.md` (mpo.run_pipeline) once, or once per seed (--seeds N) and per
+    regularisation strength (--sweep); returns the report that sums them up."""
+    run = cfgs["run"]
+    if run.sweep:
+        return run_sweep(cfgs, pipeline)
+    return pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs, pipeline)
+
+
+def run_seed(pipeline, cfgs: dict, log=None) -> Path:
+    """One seed of a study on one thread (floating-point sums depend on the thread count: a seed's
+    numbers must not depend on the machine's cores), its output to `log` when given."""
+    torch.set_num_threads(1)
+    if log is None:
+        return pipeline(cfgs)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return pipeline(cfgs)
+
+
+def run_seeds(cfgs: dict, pipeline) -> Path:
+    """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/
+    (resumed like any run folder), on the same task data (--data_seed); the stages' seeds shift with
+    it. The study adds the rows its claims need: mpo_dpo (MPO's first stage alone) and
+    mpo[stage2_ref=sft] (claim c). On a CPU with several cores the seeds run side by side, one
+    process and one thread each; then OUT/report.md and OUT/results.json aggregate them
+    (report.study)."""
+    run = cfgs["run"]
+    out = out_folder(run)
+    seeds = [run.seed + i for i in range(run.seeds)]
+    methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
+    if "mpo" in methods:
+        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
+        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
+    jobs = []
+    for s in seeds:
+        shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c
+                   for g, c in cfgs.items()}
+        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"),
+                                 methods=",".join(methods), variants=";".join(variants))
+        jobs.append(shifted)
+    cores = os.cpu_count() or 1
+    parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and cores > 1
+    workers = min(len(seeds), cores) if parallel else 1
+    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one "
+          "thread each; "
+          f"each seed's log: {out}/seed_<s>/log.txt")
+    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, pipeline, job, Path(job["run"].out) / "log.txt")
+                       for job in jobs]
+            for done in as_completed(futures):
+                print(f"study: {done.result()} done")
+    else:
+        for job in jobs:
+            print(f"study: {run_seed(pipeline, job)} done")
+    folders = [out / f"seed_{s}" for s in seeds]
+    records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
+    return write_study(out, cfgs, study(records), folders)
+
+
+def share_sft_and_rm(src: Path, dst: Path):
+    """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled
+    pairs, seed by seed (same settings, same seeds: the same stages; they do not depend on beta or
+    kl_coef), copied in."""
+    for folder in [src, *sorted(src.glob("seed_*"))]:
+        target = dst / folder.relative_to(src)
+        for name in ("sft", "rm"):
+            if (folder / name / "final.pt").exists() and not (target / name).exists():
+                shutil.copytree(folder / name, target / name)
+        for pairs in folder.glob("pairs_*.*"):  # the cache and its record
+            if not (target / pairs.name).exists():
+                shutil.copy2(pairs, target / pairs.name)
+
+
+def run_sweep(cfgs: dict, pipeline) -> Path:
+    """--sweep: the run (a study under --seeds N) at each multiple of the regularisation strengths,
+    DPO's beta and PPO's kl_coef together (MPO has both), each in OUT/sweep_<x>/; then OUT/report.md
+    with the reward-KL frontier and OUT/sweep.json (report.write_sweep)."""
+    run = cfgs["run"]
+    out = out_folder(run)
+    studies, factors = {}, sweep_factors(run.sweep)
+    for x in factors:
+        share_sft_and_rm(out / f"sweep_{factors[0]:g}", out / f"sweep_{x:g}")
+        at = {**cfgs, "run": replace(run, sweep="", out=str(out / f"sweep_{x:g}")),
+              "dpo": replace(cfgs["dpo"], beta=cfgs["dpo"].beta * x),
+              "ppo": replace(cfgs["ppo"], kl_coef=cfgs["ppo"].kl_coef * x)}
+        report = pipeline(at) if run.seeds <= 1 else run_seeds(at, pipeline)
+        studies[x] = json.loads((report.parent / "results.json").read_text())
+        print(f"sweep: x{x:g} done: {report}")
+    return write_sweep(out, cfgs, dict(sorted(studies.items())))
