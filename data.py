@@ -625,13 +625,6 @@ def _cut_response(ids: list[int], max_len: int, eos: int) -> tuple[list[int], bo
     return (ids + [eos], False) if len(ids) < max_len else (ids[:max_len], True)
 
 
-def encode(tok, prompt: str, response: str, max_prompt_len: int, max_response_len: int):
-    """(prompt_ids, response_ids): prompt cut from the left, response from the right, EOS appended
-    when the response fits whole."""
-    return (_cut_prompt(tok, prompt, max_prompt_len)[0],
-            _cut_response(_ids(tok, response), max_response_len, tok.eot_token)[0])
-
-
 def encode_dataset(tok, items: list, max_prompt_len: int, max_response_len: int, name: str = "data",
                    prompt_cut: str = "left", kept: list | None = None) -> list:
     """Encode prompts (str -> ids), SFT rows ((prompt, response) -> (p, r)) or Pairs (-> (p, c, r)),

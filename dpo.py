@@ -12,7 +12,7 @@ the appended EOS included); the reference is frozen. With h the difference of lo
     from dpo import DPOConfig, dpo
     policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
 
-`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode.
+`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset.
 Tests: python -m pytest -q tests/test_dpo.py
 """
 from dataclasses import dataclass
@@ -61,13 +61,6 @@ def token_logps(logits, tokens):
     """Log-prob (B, T) of each token under the logits (B, T, V) at its own position, in fp32 (bf16
     log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs."""
     return TokenLogps.apply(logits.float(), tokens)
-
-
-def sequence_logps(logits, tokens, mask):
-    """Summed log-probs (B,) of the tokens selected by mask. logits[:, t] predicts tokens[:, t + 1], so
-    logits[:, :-1] score tokens[:, 1:] and mask[:, 1:] selects the targets (response tokens + EOS).
-    Called with logits from GPT.forward(tokens, logits_from=s), pass tokens[:, s:] and mask[:, s:]."""
-    return (token_logps(logits[:, :-1], tokens[:, 1:]) * mask[:, 1:]).sum(-1)
 
 
 def response_logps(model, batch):
