@@ -33,7 +33,7 @@ import torch
 
 from data import collate_pairs, collate_sft
 from dpo import DPOConfig, dpo_step_loss
-from model import GPT, GPTConfig, ScalarModel
+from model import GPT, GPTConfig, ScalarModel, keep_freed_memory
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
 from ppo import PPOConfig, iteration, optimizers
 from train import adamw, autocast, memory_estimate, pick_device, set_dtype, to_device
@@ -106,6 +106,7 @@ def main():
                    help="run every benchmark in each (default: fp32, and bf16 where the hardware is fast at it)")
     p.add_argument("--only", nargs="*", help="run only these benchmarks (names as printed)")
     args = p.parse_args()
+    keep_freed_memory()  # glibc malloc reuses freed logits-sized blocks (model.py)
     device = pick_device(args.device)
     for dtype in args.dtype or (["fp32", "bf16"] if fast_bf16(device) else ["fp32"]):
         set_dtype(dtype)

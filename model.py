@@ -42,11 +42,13 @@ EOS_CHECK_EVERY = 16  # decoding steps between the host's looks at "every row ha
 
 def keep_freed_memory():
     """Make glibc malloc keep freed memory for reuse instead of handing it back to the kernel.
-    By default every block over its mmap threshold (at most 32 MB) gets its own mmap and is unmapped on
-    free, so each new logits-sized tensor (rows x positions x 50257 floats: hundreds of MB) is page-faulted
-    and zeroed by the kernel again; on CPU that system time was about 30% of a DPO step. Serving big
-    blocks from the heap (M_MMAP_MAX 0) and never trimming it (M_TRIM_THRESHOLD 2 GB) reuses them, as
-    jemalloc does. The price: the process keeps its peak memory. Off with MPO_MALLOPT=0."""
+    By default every block over its mmap threshold (at most 32 MB) gets its own mmap and is
+    unmapped on free, so each new logits-sized tensor (rows x positions x 50257 floats: hundreds of
+    MB) is page-faulted and zeroed by the kernel again; on CPU that system time was about 30% of a
+    DPO step. Serving big blocks from the heap (M_MMAP_MAX 0) and never trimming it
+    (M_TRIM_THRESHOLD 2 GB) reuses them, as jemalloc does. The price: the process keeps its peak
+    memory. The entry points call it (mpo.main, bench.main), importing this file does not; off with
+    MPO_MALLOPT=0."""
     if not sys.platform.startswith("linux") or os.environ.get("MPO_MALLOPT") == "0":
         return
     try:
@@ -56,9 +58,6 @@ def keep_freed_memory():
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
-keep_freed_memory()
 
 
 @dataclass
