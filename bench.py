@@ -1,26 +1,28 @@
-"""Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation with
-the KV cache, and of one PPO iteration, each through the code the stages run (their loss functions,
-train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random tokens.
+"""Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation
+with the KV cache, and of one PPO iteration, each through the code the stages run (their loss
+functions, train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random
+tokens.
 
     python bench.py                    # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
     python bench.py --dtype fp32 --only dpo_step generate_greedy
     python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
     python bench.py --n-layer 36 --n-head 20 --n-embd 1280 --device cuda --grad-checkpoint --batch 4  # gpt2-large
 
-Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
-line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs the
-whole set: fp32, and bf16 autocast as the stages run it with --dtype bf16 (by default also, where the
-hardware has fast bf16: CUDA, or a CPU with AMX). tokens_per_s counts the batch's tokens, rows x (prompt +
-response), for a training step, and new tokens for generation and for PPO (over the whole iteration).
-mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token for a forward, 6 for
-forward + backward (Kaplan et al. 2020), where the parameters are those of the transformer blocks on
-every token they run on and the vocab x C LM head only on the positions where it runs (no logits on
-prompt positions); embedding lookups and attention scores (4 T C per layer per token, under 10% at
-these sizes) are not counted. Each benchmark runs --warmup untimed iterations, then reports the median
-of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA; on CPU it is the process's
-peak resident memory (VmHWM, reset before each benchmark), of which runtime_mem_mb (the resident size
-before any model was built: the torch runtime) is not the step's. Training steps also print est_mem_mb,
-train.memory_estimate's figure for the step, which mpo.py prints at start.
+Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after
+a line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs
+the whole set: fp32, and bf16 autocast as the stages run it with --dtype bf16 (by default also,
+where the hardware has fast bf16: CUDA, or a CPU with AMX). tokens_per_s counts the batch's tokens,
+rows x (prompt + response), for a training step, and new tokens for generation and for PPO (over the
+whole iteration). mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token
+for a forward, 6 for forward + backward (Kaplan et al. 2020), where the parameters are those of the
+transformer blocks on every token they run on and the vocab x C LM head only on the positions where
+it runs (no logits on prompt positions); embedding lookups and attention scores (4 T C per layer per
+token, under 10% at these sizes) are not counted. Each benchmark runs --warmup untimed iterations,
+then reports the median of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA;
+on CPU it is the process's peak resident memory (VmHWM, reset before each benchmark), of which
+runtime_mem_mb (the resident size before any model was built: the torch runtime) is not the step's.
+Training steps also print est_mem_mb, train.memory_estimate's figure for the step, which mpo.py
+prints at start.
 """
 import argparse
 import copy
@@ -53,7 +55,8 @@ def reset_peak_memory(device):
 
 
 def peak_memory_mb(device, field="VmHWM"):
-    """Peak GPU memory allocated; on CPU the process's peak (VmHWM) or present (VmRSS) resident size."""
+    """Peak GPU memory allocated; on CPU the process's peak (VmHWM) or present (VmRSS) resident
+    size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
@@ -76,7 +79,8 @@ def timed(fn, device, warmup, iters):
 
 
 def matmul_peak(device, dtype, n=2048, iters=10):
-    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs): the ceiling the MFUs are measured against."""
+    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs): the ceiling the MFUs are measured
+    against."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(iters + 2):
@@ -143,7 +147,8 @@ def run_benchmarks(args, device, dtype):
         return factor * rows * (n_body * body_tokens + n_head * head_positions)
 
     def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0, head_positions=R):
-        """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip, AdamW."""
+        """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip,
+        AdamW."""
         model.train()
         fwd = torch.compile(model) if args.compile else model
         opt = adamw(model, cfg, device)
@@ -162,8 +167,9 @@ def run_benchmarks(args, device, dtype):
         report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R,
                est_mem_mb=round(estimate["total"] / 2**20))
 
-    # The log-prob losses run the model on all but the last token, the LM head from position P - 1 on:
-    # the R positions that predict response tokens. The reward model runs on every token, with no LM head.
+    # The log-prob losses run the model on all but the last token, the LM head from position P - 1
+    # on: the R positions that predict response tokens. The reward model runs on every token, with
+    # no LM head.
     if wanted("sft_step"):
         batch = collate_sft([(ids(P), ids(R)) for _ in range(B)])
         train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B, flops(2, B, P + R - 1, R))
@@ -207,8 +213,8 @@ def run_benchmarks(args, device, dtype):
         seconds, mem = timed(ppo_iter, device, 1, args.iters)
         generate_s, score_s, update_s, r = (statistics.median(x) for x in zip(*splits[1:]))
         r = int(r)
-        # generation as above; rollout forwards: policy + reference (LM head on r rows), critic on P + r - 1
-        # tokens, RM on P + r; each PPO epoch: forward + backward of policy and critic
+        # generation as above; rollout forwards: policy + reference (LM head on r rows), critic on P
+        # + r - 1 tokens, RM on P + r; each PPO epoch: forward + backward of policy and critic
         body, gen_flops = n_body * (P + r - 1), 2 * B * (n_body * (P + r - 1) + n_head * r)
         score_flops = 2 * B * (2 * (body + n_head * r) + body + n_body * (P + r))
         update_flops = 6 * B * args.ppo_epochs * (2 * body + n_head * r)

@@ -23,8 +23,8 @@ P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs 
 labels. Evaluation prompts are held out: they never appear in the training data. The demo's tokenizer
 (`demo_tokenizer`) makes every word one token, so the policy cannot misspell and a reader reads words.
 
-A user's own task (`--dataset jsonl`, read_jsonl_task) is a folder of JSON-lines files in TRL's formats,
-with an optional gold reward imported from the user's file (load_gold_reward).
+A user's own task (`--dataset jsonl`, read_jsonl_task) is a folder of JSON-lines files in TRL's
+formats, with an optional gold reward imported from the user's file (load_gold_reward).
 """
 import gzip
 import importlib.util
@@ -72,9 +72,9 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
 
 
 def _ids(tok: tiktoken.Encoding, text: str) -> list[int]:
-    # Ordinary encoding (no special tokens allowed): a literal "<|endoftext|>" inside a forum post is
-    # plain text, never the EOS id -- otherwise data could end a sequence early or fake an EOS in the
-    # loss mask (tiktoken's default `encode` would instead raise on such text).
+    # Ordinary encoding (no special tokens allowed): a literal "<|endoftext|>" inside a forum post
+    # is plain text, never the EOS id -- otherwise data could end a sequence early or fake an EOS in
+    # the loss mask (tiktoken's default `encode` would instead raise on such text).
     return tok.encode_ordinary(text)
 
 
@@ -97,8 +97,8 @@ MAX_LINE = 16 << 20  # bytes per JSON line: a longer one (a 2 GB line in a gzip)
 
 
 def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for every non-blank line of a JSON-lines file (.gz or plain), read
-    line by line with at most MAX_LINE bytes in memory."""
+    """Yield (line number, object) for every non-blank line of a JSON-lines file (.gz or plain),
+    read line by line with at most MAX_LINE bytes in memory."""
     path, n, seen = regular_file(path), 0, False
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
@@ -343,10 +343,11 @@ def read_jsonl_rows(path, keys: tuple) -> list[tuple]:
 
 
 def read_jsonl_task(data_dir) -> Task:
-    """A user's task in data_dir: train.jsonl and test.jsonl (or .jsonl.gz) with {"prompt", "chosen",
-    "rejected"} per line; optional sft_train.jsonl / sft_test.jsonl with {"prompt", "completion"}
-    (without them SFT learns prompt + chosen). The evaluation prompts are test.jsonl's distinct prompts;
-    a gold reward, if any, comes from --gold_reward (load_gold_reward). Tokenizer: gpt2 unless --tokenizer."""
+    """A user's task in data_dir: train.jsonl and test.jsonl (or .jsonl.gz) with {"prompt",
+    "chosen", "rejected"} per line; optional sft_train.jsonl / sft_test.jsonl with {"prompt",
+    "completion"} (without them SFT learns prompt + chosen). The evaluation prompts are test.jsonl's
+    distinct prompts; a gold reward, if any, comes from --gold_reward (load_gold_reward). Tokenizer:
+    gpt2 unless --tokenizer."""
     if not data_dir:
         raise DataError("--dataset jsonl needs --data_dir DIR holding train.jsonl and test.jsonl")
     train, test = ([Pair(*r) for r in read_jsonl_rows(_jsonl_file(data_dir, split), ("prompt", "chosen", "rejected"))]
@@ -409,10 +410,10 @@ def demo_prompt(topic: str, n: int, ban: str) -> str:
 
 
 def demo_tokenizer() -> tiktoken.Encoding:
-    """The 256 bytes, then every word of the demo's prompts and responses as one token (" fish", "sea",
-    " words", " 4"), then <|endoftext|>. tiktoken looks a whole piece up in mergeable_ranks before it
-    merges bytes, so a lexicon word is one token and the policy cannot misspell it; any other text falls
-    back to bytes and still round-trips exactly."""
+    """The 256 bytes, then every word of the demo's prompts and responses as one token (" fish",
+    "sea", " words", " 4"), then <|endoftext|>. tiktoken looks a whole piece up in mergeable_ranks
+    before it merges bytes, so a lexicon word is one token and the policy cannot misspell it; any
+    other text falls back to bytes and still round-trips exactly."""
     words = [*DEMO_TOPICS, *(" " + w for w in [*DEMO_TOPICS, *DEMO_WORDS, "words", "no", *"0123456789"])]
     ranks = {bytes([i]): i for i in range(256)} | {w.encode(): 256 + i for i, w in enumerate(dict.fromkeys(words))}
     return tiktoken.Encoding("demo", pat_str=r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+",
@@ -446,7 +447,8 @@ def demo_gold_reward(prompt: str, response: str) -> float:
 
 @dataclass
 class DemoConfig:
-    """Knobs of the synthetic demo task (described in this file's docstring); its seed is --data_seed."""
+    """Knobs of the synthetic demo task (described in this file's docstring); its seed is
+    --data_seed."""
     sft_train: int = 3000
     sft_eval: int = 500             # held-out SFT rows: the stage evaluation and the RM normalisation
     pairs_train: int = 100000       # many: a tiny RM learns the noisy preferences slowly (fresh pairs beat epochs)
@@ -471,8 +473,9 @@ def _demo_response(rng: random.Random, topic: str, n: int) -> str:
 
 
 def demo_best_gold(prompt: str) -> float:
-    """The highest gold reward any response to a demo prompt can get: n distinct non-banned words with
-    the highest values, with the same-initial bonus when two of them (first and last) can share a letter."""
+    """The highest gold reward any response to a demo prompt can get: n distinct non-banned words
+    with the highest values, with the same-initial bonus when two of them (first and last) can share
+    a letter."""
     m = _DEMO_PROMPT.fullmatch(prompt)
     topic, n, ban = m[1], int(m[2]), m[3]
     value = dict.fromkeys(DEMO_WORDS, 0.0) | dict.fromkeys(DEMO_TOPICS[DEMO_CLASH[topic]], -1.0)
@@ -504,7 +507,8 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
             if a == b:
                 continue
             gap = demo_gold_reward(prompt, a) - demo_gold_reward(prompt, b)
-            # Bradley-Terry label noise: small gold gaps give nearly random labels, like human raters.
+            # Bradley-Terry label noise: small gold gaps give nearly random labels, like human
+            # raters.
             t = cfg.noise_temperature  # sigmoid(x) = (1 + tanh(x / 2)) / 2, which never overflows
             p_a = 0.5 + 0.5 * (math.tanh(gap / (2 * t)) if t > 0 else (gap > 0) - (gap < 0))
             out.append(Pair(prompt, a, b) if rng.random() < p_a else Pair(prompt, b, a))
@@ -518,7 +522,8 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> Task:
 
 def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, object]]:
     """(group, item) for every item of every group, shuffled within its group, ordered so that every
-    prefix holds the groups in proportion to their sizes: the first k items are a stratified sample."""
+    prefix holds the groups in proportion to their sizes: the first k items are a stratified
+    sample."""
     keyed = []
     for g, (name, items) in enumerate(groups.items()):
         items = list(items)
@@ -573,8 +578,8 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
 
 
 def _cut_turns(tok, text: str, max_len: int) -> list[int] | None:
-    # HH-RLHF (the author): drop whole oldest turns, so the dialogue still opens with a Human turn and
-    # no turn is cut in the middle; None when even the last Human turn does not fit.
+    # HH-RLHF (the author): drop whole oldest turns, so the dialogue still opens with a Human turn
+    # and no turn is cut in the middle; None when even the last Human turn does not fit.
     for start in (m.start() for m in re.finditer(re.escape(HUMAN), text)):
         if len(ids := _ids(tok, text[start:])) <= max_len:
             return ids
@@ -583,7 +588,8 @@ def _cut_turns(tok, text: str, max_len: int) -> list[int] | None:
 
 def _cut_post(tok, text: str, max_len: int) -> list[int] | None:
     # TL;DR (N+): keep the header (subreddit, title) or the instruction and the closing "TL;DR:" /
-    # "Assistant:", and shorten the post from its end, at a line break where one fits, else at a space.
+    # "Assistant:", and shorten the post from its end, at a line break where one fits, else at a
+    # space.
     for template in TLDR_TEMPLATES.values():
         head, tail = template.split("{post}")
         marker = head.rsplit("}", 1)[-1]  # the literal text just before the post
@@ -609,8 +615,9 @@ def _cut_post(tok, text: str, max_len: int) -> list[int] | None:
 
 
 def _cut_prompt(tok, text: str, max_len: int, how: str = "left") -> tuple[list[int] | None, bool]:
-    """(ids, cut) of a prompt fitted into max_len tokens: "turns" and "post" as above, "left" keeps the
-    end of the prompt (what the response answers). ids None: no cut of that kind fits (row dropped)."""
+    """(ids, cut) of a prompt fitted into max_len tokens: "turns" and "post" as above, "left" keeps
+    the end of the prompt (what the response answers). ids None: no cut of that kind fits (row
+    dropped)."""
     ids = _ids(tok, text)
     if len(ids) <= max_len:
         return ids, False
@@ -620,8 +627,9 @@ def _cut_prompt(tok, text: str, max_len: int, how: str = "left") -> tuple[list[i
 
 
 def _cut_response(ids: list[int], max_len: int, eos: int) -> tuple[list[int], bool]:
-    # Cut from the RIGHT; max_len counts the EOS. A cut response gets no EOS: it did not end there, and
-    # an EOS at the cut would teach the policy to stop mid-answer and the RM to score unfinished text.
+    # Cut from the RIGHT; max_len counts the EOS. A cut response gets no EOS: it did not end there,
+    # and an EOS at the cut would teach the policy to stop mid-answer and the RM to score unfinished
+    # text.
     return (ids + [eos], False) if len(ids) < max_len else (ids[:max_len], True)
 
 
@@ -657,8 +665,8 @@ def encode_dataset(tok, items: list, max_prompt_len: int, max_response_len: int,
 
 
 def collate_sft(examples: list) -> dict:
-    """[(prompt_ids, response_ids)] -> right-padded batch (pad 0). loss_mask marks the response tokens
-    (EOS included): the logits at position t - 1 predict the token at t."""
+    """[(prompt_ids, response_ids)] -> right-padded batch (pad 0). loss_mask marks the response
+    tokens (EOS included): the logits at position t - 1 predict the token at t."""
     prompt_lens = torch.tensor([len(p) for p, _ in examples])
     lengths = torch.tensor([len(p) + len(r) for p, r in examples])
     tokens = torch.zeros(len(examples), int(lengths.max()), dtype=torch.long)
@@ -673,12 +681,14 @@ def collate_sft(examples: list) -> dict:
 
 def collate_pairs(pairs: list) -> dict:
     """[(prompt_ids, chosen_ids, rejected_ids)] -> one batch of 2B rows, chosen rows first, so the
-    policy and the reference each need one forward (concatenated forward of the DPO reference code)."""
+    policy and the reference each need one forward (concatenated forward of the DPO reference
+    code)."""
     return collate_sft([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs])
 
 
 def collate_prompts(prompts: list) -> dict:
-    """[prompt_ids] -> LEFT-padded batch for generation: every row's next token goes in the same column."""
+    """[prompt_ids] -> LEFT-padded batch for generation: every row's next token goes in the same
+    column."""
     lengths = torch.tensor([len(p) for p in prompts])
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
     for i, p in enumerate(prompts):
