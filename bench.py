@@ -1,26 +1,31 @@
-"""Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation with
-the KV cache, and of one PPO iteration, each through the code the stages run (their loss functions,
-train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random tokens.
+"""Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation
+with the KV cache, and of one PPO iteration, each through the code the stages run (their loss
+functions, train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random
+tokens.
 
-    python bench.py                    # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
+    python bench.py        # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
     python bench.py --dtype fp32 --only dpo_step generate_greedy
-    python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small on a GPU
-    python bench.py --n-layer 36 --n-head 20 --n-embd 1280 --device cuda --grad-checkpoint --batch 4  # gpt2-large
+    python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small
+    python bench.py --n-layer 36 --n-head 20 --n-embd 1280 --device cuda --grad-checkpoint --batch 4
 
-Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after a
-line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs the
-whole set: fp32, and bf16 autocast as the stages run it with --dtype bf16 (by default also, where the
-hardware has fast bf16: CUDA, or a CPU with AMX). tokens_per_s counts the batch's tokens, rows x (prompt +
-response), for a training step, and new tokens for generation and for PPO (over the whole iteration).
-mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token for a forward, 6 for
-forward + backward (Kaplan et al. 2020), where the parameters are those of the transformer blocks on
-every token they run on and the vocab x C LM head only on the positions where it runs (no logits on
-prompt positions); embedding lookups and attention scores (4 T C per layer per token, under 10% at
-these sizes) are not counted. Each benchmark runs --warmup untimed iterations, then reports the median
-of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA; on CPU it is the process's
-peak resident memory (VmHWM, reset before each benchmark), of which runtime_mem_mb (the resident size
-before any model was built: the torch runtime) is not the step's. Training steps also print est_mem_mb,
-train.memory_estimate's figure for the step, which mpo.py prints at start.
+The last runs the gpt2-large shape. SPEED.md has the numbers measured on this project's machine,
+the comparison with TRL / transformers, and what made the difference.
+
+Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after
+a line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs
+the whole set: fp32, and bf16 autocast as the stages run it with --dtype bf16 (by default also,
+where the hardware has fast bf16: CUDA, or a CPU with AMX). tokens_per_s counts the batch's tokens,
+rows x (prompt + response), for a training step, and new tokens for generation and for PPO (over the
+whole iteration). mfu = achieved FLOP/s / that peak. FLOPs counted: 2 per matmul parameter per token
+for a forward, 6 for forward + backward (Kaplan et al. 2020), where the parameters are those of the
+transformer blocks on every token they run on and the vocab x C LM head only on the positions where
+it runs (no logits on prompt positions); embedding lookups and attention scores (4 T C per layer per
+token, under 10% at these sizes) are not counted. Each benchmark runs --warmup untimed iterations,
+then reports the median of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA;
+on CPU it is the process's peak resident memory (VmHWM, reset before each benchmark), of which
+runtime_mem_mb (the resident size before any model was built: the torch runtime) is not the step's.
+Training steps also print est_mem_mb, train.memory_estimate's figure for the step, which mpo.py
+prints at start.
 """
 import argparse
 import copy
@@ -33,7 +38,7 @@ import torch
 
 from data import collate_pairs, collate_sft
 from dpo import DPOConfig, dpo_step_loss
-from model import GPT, GPTConfig, ScalarModel
+from model import GPT, GPTConfig, ScalarModel, keep_freed_memory
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
 from ppo import PPOConfig, iteration, optimizers
 from train import adamw, autocast, memory_estimate, pick_device, set_dtype, to_device
@@ -53,7 +58,7 @@ def reset_peak_memory(device):
 
 
 def peak_memory_mb(device, field="VmHWM"):
-    """Peak GPU memory allocated; on CPU the process's peak (VmHWM) or present (VmRSS) resident size."""
+    """Peak GPU memory allocated; on CPU the process's peak (VmHWM) or present (VmRSS) RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
@@ -76,7 +81,7 @@ def timed(fn, device, warmup, iters):
 
 
 def matmul_peak(device, dtype, n=2048, iters=10):
-    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs): the ceiling the MFUs are measured against."""
+    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs): the ceiling MFU is measured by."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(iters + 2):
@@ -96,16 +101,21 @@ def fast_bf16(device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default in (("n-layer", 4), ("n-head", 4), ("n-embd", 256), ("vocab", 50257), ("batch", 8),
-                          ("prompt-len", 64), ("response-len", 64), ("ppo-epochs", 4), ("warmup", 2), ("iters", 5)):
+    for flag, default in (("n-layer", 4), ("n-head", 4), ("n-embd", 256), ("vocab", 50257),
+                          ("batch", 8), ("prompt-len", 64), ("response-len", 64),
+                          ("ppo-epochs", 4), ("warmup", 2), ("iters", 5)):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models of the training steps")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing in the training steps")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models of the training steps")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing in the training steps")
     p.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"),
-                   help="run every benchmark in each (default: fp32, and bf16 where the hardware is fast at it)")
+                   help="run every benchmark in each "
+                        "(default: fp32, and bf16 where the hardware is fast at it)")
     p.add_argument("--only", nargs="*", help="run only these benchmarks (names as printed)")
     args = p.parse_args()
+    keep_freed_memory()  # glibc malloc reuses freed logits-sized blocks (model.py)
     device = pick_device(args.device)
     for dtype in args.dtype or (["fp32", "bf16"] if fast_bf16(device) else ["fp32"]):
         set_dtype(dtype)
@@ -123,14 +133,16 @@ def run_benchmarks(args, device, dtype):
     n_body = sum(p.numel() for p in policy.transformer.h.parameters())
     n_head = args.vocab * args.n_embd
     peak = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    common = {"device": str(device), "dtype": dtype, **({"runtime_mem_mb": runtime_mb} if runtime_mb else {})}
+    common = {"device": str(device), "dtype": dtype,
+              **({"runtime_mem_mb": runtime_mb} if runtime_mb else {})}
     print(json.dumps({"name": "matmul_peak", "gflops": round(peak, 1), **common,
                       "threads": torch.get_num_threads()}), flush=True)
 
     def report(name, seconds, mem, tokens, flops, **extra):
         print(json.dumps({"name": name, "tokens_per_s": round(tokens / seconds, 1),
-                          "mfu": float(f"{flops / seconds / 1e9 / peak:.3g}"), "peak_mem_mb": round(mem),
-                          **common, "s_per_step": float(f"{seconds:.4g}"), **extra}), flush=True)
+                          "mfu": float(f"{flops / seconds / 1e9 / peak:.3g}"),
+                          "peak_mem_mb": round(mem), **common,
+                          "s_per_step": float(f"{seconds:.4g}"), **extra}), flush=True)
 
     def wanted(name):
         return not args.only or name in args.only
@@ -138,11 +150,13 @@ def run_benchmarks(args, device, dtype):
     def ids(n):
         return torch.randint(args.vocab, (n,)).tolist()
 
-    def flops(factor, rows, body_tokens, head_positions):  # per row: blocks on body_tokens, LM head on head_positions
+    # per row: the blocks on body_tokens, the LM head on head_positions
+    def flops(factor, rows, body_tokens, head_positions):
         return factor * rows * (n_body * body_tokens + n_head * head_positions)
 
-    def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0, head_positions=R):
-        """One optimizer step as train.train takes it (grad_accum 1): loss, backward, clip, AdamW."""
+    def train_step_bench(name, model, loss_fn, batch, cfg, rows, fwd_flops, ref_flops=0,
+                         head_positions=R):
+        """One optimizer step as in train.train (grad_accum 1): loss, backward, clip, AdamW."""
         model.train()
         fwd = torch.compile(model) if args.compile else model
         opt = adamw(model, cfg, device)
@@ -157,25 +171,31 @@ def run_benchmarks(args, device, dtype):
             opt.step()
             opt.zero_grad(set_to_none=True)
         seconds, mem = timed(step, device, args.warmup, args.iters)
-        estimate = memory_estimate(config, rows, P + R, head_positions, frozen=int(ref_flops > 0), bf16=dtype == "bf16")
-        report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows, seq_len=P + R,
-               est_mem_mb=round(estimate["total"] / 2**20))
+        estimate = memory_estimate(config, rows, P + R, head_positions, frozen=int(ref_flops > 0),
+                                   bf16=dtype == "bf16")
+        report(name, seconds, mem, rows * (P + R), 3 * fwd_flops + ref_flops, rows=rows,
+               seq_len=P + R, est_mem_mb=round(estimate["total"] / 2**20))
 
-    # The log-prob losses run the model on all but the last token, the LM head from position P - 1 on:
-    # the R positions that predict response tokens. The reward model runs on every token, with no LM head.
+    # The log-prob losses run the model on all but the last token, the LM head from position
+    # P - 1 on: the R positions that predict response tokens. The reward model runs on every
+    # token, with no LM head.
     if wanted("sft_step"):
         batch = collate_sft([(ids(P), ids(R)) for _ in range(B)])
-        train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B, flops(2, B, P + R - 1, R))
+        train_step_bench("sft_step", policy, sft_loss, batch, SFTConfig(), B,
+                         flops(2, B, P + R - 1, R))
     pairs = collate_pairs([(ids(P), ids(R), ids(R)) for _ in range(B)])
     if wanted("rm_step"):
-        rm, cfg = ScalarModel.from_gpt(policy), RMConfig()
-        train_step_bench("rm_step", rm, lambda m, b: reward_model_loss(m, b, cfg), pairs, cfg, 2 * B,
-                         flops(2, 2 * B, P + R, 0), head_positions=0)
+        rm = ScalarModel.from_gpt(policy)
+        cfg = RMConfig()
+        train_step_bench("rm_step", rm, lambda m, b: reward_model_loss(m, b, cfg), pairs, cfg,
+                         2 * B, flops(2, 2 * B, P + R, 0), head_positions=0)
         del rm
     if wanted("dpo_step"):  # the reference forward every step: DPOConfig(precompute_ref=False)
-        ref, cfg = copy.deepcopy(policy).eval().requires_grad_(False), DPOConfig()
-        train_step_bench("dpo_step", policy, lambda m, b: dpo_step_loss(m, ref, b, cfg), pairs, cfg, 2 * B,
-                         flops(2, 2 * B, P + R - 1, R), ref_flops=flops(2, 2 * B, P + R - 1, R))
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        cfg = DPOConfig()
+        train_step_bench("dpo_step", policy, lambda m, b: dpo_step_loss(m, ref, b, cfg), pairs,
+                         cfg, 2 * B, flops(2, 2 * B, P + R - 1, R),
+                         ref_flops=flops(2, 2 * B, P + R - 1, R))
         del ref
 
     policy.eval()
@@ -187,35 +207,40 @@ def run_benchmarks(args, device, dtype):
                     policy.generate(prompts, R, temperature=temperature)
             seconds, mem = timed(gen, device, args.warmup, args.iters)
             # prefill: body on P tokens, head on the last; then R - 1 decode steps of body + head
-            report(name, seconds, mem, B * R, 2 * B * (n_body * (P + R - 1) + n_head * R), new_tokens=R)
+            report(name, seconds, mem, B * R, 2 * B * (n_body * (P + R - 1) + n_head * R),
+                   new_tokens=R)
 
     if wanted("ppo_iteration"):
-        cfg = PPOConfig(prompts_per_step=B, samples_per_prompt=1, max_new_tokens=R, ppo_epochs=args.ppo_epochs,
-                        num_minibatches=1, micro_batch_size=B, device=str(device))
+        cfg = PPOConfig(prompts_per_step=B, samples_per_prompt=1, max_new_tokens=R,
+                        ppo_epochs=args.ppo_epochs, num_minibatches=1, micro_batch_size=B,
+                        device=str(device))
         rm = ScalarModel.from_gpt(policy).eval().requires_grad_(False)
-        ref, critic = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(rm).requires_grad_(True)
+        ref = copy.deepcopy(policy).requires_grad_(False)
+        critic = copy.deepcopy(rm).requires_grad_(True)
         opt_pi, opt_v = optimizers(policy, critic, cfg, device)
         prompt_ids = [ids(P) for _ in range(B)]
         splits = []
 
         def ppo_iter():
-            ro, _, _, stats = iteration(policy, ref, rm, critic, opt_pi, opt_v, prompt_ids, args.vocab - 1,
-                                        cfg.kl_coef, cfg, len(splits))
-            splits.append((stats["generate_s"], stats["rollout_s"] - stats["generate_s"], stats["update_s"],
-                           int(ro["mask"].size(1))))
+            ro, _, _, stats = iteration(policy, ref, rm, critic, opt_pi, opt_v, prompt_ids,
+                                        args.vocab - 1, cfg.kl_coef, cfg, len(splits))
+            splits.append((stats["generate_s"], stats["rollout_s"] - stats["generate_s"],
+                           stats["update_s"], int(ro["mask"].size(1))))
         seconds, mem = timed(ppo_iter, device, 1, args.iters)
         generate_s, score_s, update_s, r = (statistics.median(x) for x in zip(*splits[1:]))
         r = int(r)
-        # generation as above; rollout forwards: policy + reference (LM head on r rows), critic on P + r - 1
-        # tokens, RM on P + r; each PPO epoch: forward + backward of policy and critic
-        body, gen_flops = n_body * (P + r - 1), 2 * B * (n_body * (P + r - 1) + n_head * r)
+        # generation as above; rollout forwards: policy + reference (LM head on r rows), critic
+        # on P + r - 1 tokens, RM on P + r; each PPO epoch: forward + backward of policy and critic
+        body = n_body * (P + r - 1)
+        gen_flops = 2 * B * (n_body * (P + r - 1) + n_head * r)
         score_flops = 2 * B * (2 * (body + n_head * r) + body + n_body * (P + r))
         update_flops = 6 * B * args.ppo_epochs * (2 * body + n_head * r)
         estimate = memory_estimate(config, B, P + R, R, trained=2, frozen=2, bf16=dtype == "bf16")
         report("ppo_iteration", seconds, mem, B * r, gen_flops + score_flops + update_flops,
                s_per_iter=round(seconds, 3), est_mem_mb=round(estimate["total"] / 2**20),
                prompts=B, prompt_len=P, new_tokens=r, ppo_epochs=args.ppo_epochs, minibatches=1,
-               generate_s=round(generate_s, 3), score_s=round(score_s, 3), update_s=round(update_s, 3))
+               generate_s=round(generate_s, 3), score_s=round(score_s, 3),
+               update_s=round(update_s, 3))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""Direct Preference Optimization (Rafailov et al. 2023): response log-probs, the loss, and the DPO stage.
+"""Direct Preference Optimization (Rafailov et al. 2023): the loss, response log-probs, and the DPO
+stage.
 
 MPO's stage 1 runs DPO on the "easy" pairs, policy and reference both starting from the SFT model.
-As in the reference implementation (Rafailov, Mitchell et al.): chosen and rejected rows go through one
-concatenated forward; a response's log-prob is the SUM of its token log-probs (prompt and pads masked,
-the appended EOS included); the reference is frozen. With h the difference of log-ratios,
+As in the reference implementation (Rafailov, Mitchell et al.): chosen and rejected rows go through
+one concatenated forward; a response's log-prob is the SUM of its token log-probs (prompt and pads
+masked, the appended EOS included); the reference is frozen. With h the difference of log-ratios,
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
-    DPO:  -log sigmoid(beta h)      cDPO (label smoothing eps):  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-    IPO:  (h - 1/(2 beta))^2
+    DPO:   -log sigmoid(beta h)
+    cDPO:  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (label smoothing eps)
+    IPO:   (h - 1/(2 beta))^2
 
     from dpo import DPOConfig, dpo
     policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
 
-`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode.
+`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset.
+The file reads in that order: the loss, the log-prob readout, the stage; last, the fast log-prob
+kernel the readout runs on (TokenLogps, equal to log_softmax + gather, with less memory).
 Tests: python -m pytest -q tests/test_dpo.py
 """
 from dataclasses import dataclass
@@ -34,14 +38,122 @@ class DPOConfig(TrainConfig):
     beta: float = 0.3              # author's MPO script (0.2 in an older one)
     label_smoothing: float = 0.0   # cDPO: assumed fraction of flipped labels
     loss_type: str = "sigmoid"     # "sigmoid" (DPO, cDPO) or "ipo"
-    precompute_ref: bool = True    # reference log-probs computed once up front: no reference in training
+    precompute_ref: bool = True    # reference log-probs computed once: no reference in training
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    """Per-pair losses and implicit rewards beta * (log pi - log ref), detached; each (B,)."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":  # Bradley-Terry on implicit rewards; eps > 0 is conservative DPO
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+                  - label_smoothing * F.logsigmoid(-beta * h))
+    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17
+        # on summed log-probs (TRL averages them over tokens)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def response_logps(model, batch):
+    """Summed response log-probs of every row of a collated batch. logits[:, t] predicts
+    tokens[:, t + 1], and loss_mask selects the targets (response tokens + EOS). The LM head runs
+    only from the position that predicts the first response token of the shortest prompt
+    (min prompt_len - 1)."""
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    start = max(int(batch["prompt_lens"].min()) - 1, 0)
+    # The last position predicts nothing: no forward on it, and no logits slice to backpropagate
+    # through.
+    logits = model(tokens[:, :-1], logits_from=start)
+    return (token_logps(logits, tokens[:, start + 1:]) * mask[:, start + 1:]).sum(-1)
+
+
+@torch.no_grad()
+def with_ref_logps(ref, pairs, batch_size, device, name="dpo"):
+    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once,
+    so training needs no reference forward (TRL's precompute_ref_log_probs). Under torchrun each
+    rank computes a shard and every rank gets them all."""
+    out, mine = [], shard(pairs)
+    for i in progress(range(0, len(mine), batch_size), f"{name}: reference log-probs"):
+        chunk = mine[i:i + batch_size]
+        with autocast(device):
+            logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
+        chosen, rejected = logps[:len(chunk)], logps[len(chunk):]
+        out += [(*pair, c, r) for pair, c, r in zip(chunk, chosen, rejected)]
+    return unshard(out)
+
+
+def collate_with_ref(rows):
+    """collate_pairs plus the precomputed reference log-probs in the same order: chosen rows, then
+    rejected."""
+    batch = collate_pairs([row[:3] for row in rows])
+    batch["ref_logps"] = torch.tensor([row[3] for row in rows] + [row[4] for row in rows])
+    return batch
+
+
+def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
+    """The DPO stage's loss_fn: mean loss over the pairs of a collate_pairs batch, and its metrics.
+    The reference log-probs come from the batch when precomputed, else from a forward of `ref`."""
+    logps = response_logps(model, batch)
+    if "ref_logps" in batch:
+        ref_logps = batch["ref_logps"]
+    else:
+        with torch.no_grad():
+            ref_logps = response_logps(ref, batch)
+    n = logps.size(0) // 2  # collate_pairs stacks the chosen rows first, then the rejected ones
+    losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
+                                        cfg.beta, cfg.label_smoothing, cfg.loss_type)
+    return losses.mean(), {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),  # strict: 0 at step 0, not 0.5
+        "logps/chosen": logps[:n].detach().mean(),
+        "logps/rejected": logps[n:].detach().mean()}
+
+
+def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo"):
+    """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics). `stage` names
+    the checkpoint, the log lines and the progress (dpo_all, mpo_dpo)."""
+    if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
+        raise ValueError("dpo: ref is the policy itself; pass a frozen copy, "
+                         "e.g. copy.deepcopy(sft_model)")
+    device = pick_device(cfg.device)
+    ref.to(device).eval().requires_grad_(False)
+    collate = collate_pairs
+    if cfg.precompute_ref:
+        print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
+        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device, stage)
+        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device, stage)
+        collate = collate_with_ref
+
+    def loss_fn(model, batch):
+        return dpo_step_loss(model, ref, batch, cfg)
+
+    metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, stage, collate,
+                    key_metric="rewards/accuracies")
+    return policy, metrics
+
+
+# The speed: token log-probs with less memory than autograd's, the same numbers.
+
+def token_logps(logits, tokens):
+    """Log-prob (B, T) of each token under the logits (B, T, V) at its own position, in fp32 (bf16
+    log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs. Equal to
+    the reference `F.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)`, computed
+    by TokenLogps with one vocabulary-sized buffer instead of several."""
+    return TokenLogps.apply(logits.float(), tokens)
 
 
 class TokenLogps(torch.autograd.Function):
     """log p = logit[target] - logsumexp(logits), with its backward written out: the gradient
-    (onehot(target) - softmax(logits)) * grad, built in place in one (B, T, V) buffer. Autograd's own
-    backward (logsumexp's and gather's, then their sum) fills four; at a 50k vocabulary this made the
-    log-probs' forward + backward 1.6x faster, with identical numbers (bench.py dpo_step)."""
+    (onehot(target) - softmax(logits)) * grad, built in place in one (B, T, V) buffer. Autograd's
+    own backward (logsumexp's and gather's, then their sum) fills four; at a 50k vocabulary this
+    made the log-probs' forward + backward 1.6x faster, with identical numbers (bench.py
+    dpo_step)."""
 
     @staticmethod
     def forward(ctx, logits, tokens):
@@ -55,102 +167,3 @@ class TokenLogps(torch.autograd.Function):
         grad = grad.unsqueeze(-1)
         grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad)  # -softmax * grad
         return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad), None
-
-
-def token_logps(logits, tokens):
-    """Log-prob (B, T) of each token under the logits (B, T, V) at its own position, in fp32 (bf16
-    log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs."""
-    return TokenLogps.apply(logits.float(), tokens)
-
-
-def sequence_logps(logits, tokens, mask):
-    """Summed log-probs (B,) of the tokens selected by mask. logits[:, t] predicts tokens[:, t + 1], so
-    logits[:, :-1] score tokens[:, 1:] and mask[:, 1:] selects the targets (response tokens + EOS).
-    Called with logits from GPT.forward(tokens, logits_from=s), pass tokens[:, s:] and mask[:, s:]."""
-    return (token_logps(logits[:, :-1], tokens[:, 1:]) * mask[:, 1:]).sum(-1)
-
-
-def response_logps(model, batch):
-    """Summed response log-probs of every row of a collated batch. The LM head runs only from the
-    position that predicts the first response token of the shortest prompt (min prompt_len - 1)."""
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    start = max(int(batch["prompt_lens"].min()) - 1, 0)
-    # The last position predicts nothing: no forward on it, and no logits slice to backpropagate through.
-    logits = model(tokens[:, :-1], logits_from=start)
-    return (token_logps(logits, tokens[:, start + 1:]) * mask[:, start + 1:]).sum(-1)
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-             label_smoothing=0.0, loss_type="sigmoid"):
-    """Per-pair losses and implicit rewards beta * (log pi - log ref), each (B,); rewards detached."""
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    if loss_type == "sigmoid":  # Bradley-Terry on implicit rewards; eps > 0 is conservative DPO
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17, on summed log-probs (TRL averages over tokens)
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-@torch.no_grad()
-def with_ref_logps(ref, pairs, batch_size, device, name="dpo"):
-    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once, so
-    training needs no reference forward (TRL's precompute_ref_log_probs). Under torchrun each rank
-    computes a shard and every rank gets them all."""
-    out, mine = [], shard(pairs)
-    for i in progress(range(0, len(mine), batch_size), f"{name}: reference log-probs"):
-        chunk = mine[i:i + batch_size]
-        with autocast(device):
-            logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
-        out += [(*pair, c, r) for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):])]
-    return unshard(out)
-
-
-def collate_with_ref(rows):
-    """collate_pairs plus the precomputed reference log-probs in the same order: chosen rows, then rejected."""
-    batch = collate_pairs([row[:3] for row in rows])
-    batch["ref_logps"] = torch.tensor([row[3] for row in rows] + [row[4] for row in rows])
-    return batch
-
-
-def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
-    """The DPO stage's loss_fn: mean loss over the pairs of a collate_pairs batch, and its metrics. The
-    reference log-probs come from the batch when precomputed, else from a forward of `ref`."""
-    logps = response_logps(model, batch)
-    if "ref_logps" in batch:
-        ref_logps = batch["ref_logps"]
-    else:
-        with torch.no_grad():
-            ref_logps = response_logps(ref, batch)
-    n = logps.size(0) // 2  # collate_pairs stacks the chosen rows first, then the rejected ones
-    losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
-                                        cfg.label_smoothing, cfg.loss_type)
-    return losses.mean(), {
-        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-        "rewards/accuracies": (chosen > rejected).float().mean(),  # strict: 0 at step 0, not 0.5
-        "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
-
-
-def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo"):
-    """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics). `stage` names the
-    checkpoint, the log lines and the progress (dpo_all, mpo_dpo)."""
-    if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
-        raise ValueError("dpo: ref is the policy itself; pass a frozen copy, e.g. copy.deepcopy(sft_model)")
-    device = pick_device(cfg.device)
-    ref.to(device).eval().requires_grad_(False)
-    collate = collate_pairs
-    if cfg.precompute_ref:
-        print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
-        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device, stage)
-        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device, stage)
-        collate = collate_with_ref
-
-    def loss_fn(model, batch):
-        return dpo_step_loss(model, ref, batch, cfg)
-
-    metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, stage, collate, key_metric="rewards/accuracies")
-    return policy, metrics

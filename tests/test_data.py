@@ -20,6 +20,7 @@ import torch
 
 import data
 from data import DataError, Pair
+from helpers import encode  # one pair cut as data.encode_dataset cuts every row
 from model import download_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,7 +45,7 @@ def test_byte_tokenizer_round_trip_and_eos():
     assert ids == list(text.encode()) and tok.decode(ids) == text
     literal = data._ids(tok, "a <|endoftext|> b")
     assert 256 not in literal and len(literal) == len("a <|endoftext|> b")
-    _, response = data.encode(tok, "p", " x <|endoftext|>", 64, 64)
+    _, response = encode(tok, "p", " x <|endoftext|>", 64, 64)
     assert response.count(256) == 1 and response[-1] == 256
 
 
@@ -265,10 +266,10 @@ def test_download_offline_error_and_data_dir(tmp_path, monkeypatch):
 def test_encode_truncation_sides_and_eos():
     tok = data.get_tokenizer("byte")
     eos = tok.eot_token
-    p, r = data.encode(tok, "abcdef", "xyz", 4, 4)
+    p, r = encode(tok, "abcdef", "xyz", 4, 4)
     assert bytes(p) == b"cdef" and r == list(b"xyz") + [eos]  # prompt keeps its end; EOS fits
-    assert data.encode(tok, "ab", "xyz", 4, 3)[1] == list(b"xyz")  # no room for EOS: none added
-    assert data.encode(tok, "ab", "wxyz", 4, 3)[1] == list(b"wxy")  # response keeps its start
+    assert encode(tok, "ab", "xyz", 4, 3)[1] == list(b"xyz")  # no room for EOS: none added
+    assert encode(tok, "ab", "wxyz", 4, 3)[1] == list(b"wxy")  # response keeps its start
 
 
 def test_encode_dataset_counts(capsys):

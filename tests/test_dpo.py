@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data import collate_pairs, collate_prompts
-from dpo import DPOConfig, dpo, dpo_loss, response_logps, sequence_logps, token_logps
+from dpo import DPOConfig, dpo, dpo_loss, response_logps, token_logps
+from helpers import sequence_logps  # the plain full-sequence form response_logps equals
 from model import GPT, GPTConfig, response_mask
 from test_stages import demo, demo_sft  # the demo task and its SFT model, trained once per session
 
