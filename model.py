@@ -438,11 +438,15 @@ class ScalarModel(nn.Module):
         with torch.autocast(idx.device.type, enabled=False):
             return (self.head(h.float()).squeeze(-1) - self.offset) * self.gain
 
-    def score(self, idx, attention_mask):
-        """(B,) read at the last real token (the EOS of query + response), left or right padding."""
-        positions = torch.arange(idx.size(1), device=idx.device)
-        last = (attention_mask.long() * positions).argmax(1)
-        return self(idx, attention_mask).gather(1, last[:, None]).squeeze(1)
+    def score(self, idx, attention_mask=None, lengths=None):
+        """(B,) the reward of each row, read at its last real token (the EOS of prompt + response).
+        A right-padded batch may pass its lengths instead of a mask: causal attention already hides
+        the pads after the last token (the fast SDPA path); else the mask says where each row ends,
+        left or right padding."""
+        if lengths is None:
+            positions = torch.arange(idx.size(1), device=idx.device)
+            lengths = (attention_mask.long() * positions).argmax(1) + 1
+        return self(idx, attention_mask).gather(1, (lengths - 1)[:, None]).squeeze(1)
 
 
 def regular_file(path) -> Path:

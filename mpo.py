@@ -33,7 +33,7 @@ from data import (DemoConfig, collate_pairs, collate_prompts, collate_sft, encod
                   get_tokenizer, load_gold_reward, load_task)
 from dpo import DPOConfig, dpo, response_logps
 from flags import flag_parser, given_flags, make_configs, parse_fields, with_split
-from model import GPT, GPTConfig, ScalarModel, response_mask
+from model import GPT, GPTConfig, ScalarModel, keep_freed_memory, response_mask
 from ppo import PPOConfig, ppo
 from report import METRICS, study, write_report
 from runs import (Interrupted, Stages, StopAfter, compute, load_pairs, open_run_folder, out_folder,
@@ -95,11 +95,10 @@ class RMConfig(TrainConfig):
                                # 11)
 
 
-def last_token_scores(rm, batch):
-    """RM score of every row of a right-padded batch, read at its last real token (the EOS). No
-    attention mask: causal attention already hides the pads that follow (the fast SDPA path)."""
-    values = rm(batch["tokens"])
-    return values.gather(1, (batch["lengths"] - 1)[:, None]).squeeze(1).float()
+def score_batch(rm, batch):
+    """ScalarModel.score of every row of a right-padded batch (collate_pairs / collate_sft). Called
+    unbound: during training `rm` can be a DDP wrapper, whose forward must run to sync gradients."""
+    return ScalarModel.score(rm, batch["tokens"], lengths=batch["lengths"])
 
 
 def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
@@ -109,7 +108,7 @@ def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
 
 def reward_model_loss(model, batch, cfg: RMConfig):
     """The reward-model stage's loss_fn: mean Bradley-Terry loss over a collate_pairs batch."""
-    scores = last_token_scores(model, batch)
+    scores = score_batch(model, batch)
     chosen, rejected = scores.chunk(2)  # collate_pairs: chosen rows first, then rejected
     loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).mean()
     return loss, {"accuracy": (chosen > rejected).float().mean(),
@@ -208,7 +207,7 @@ def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") 
 def batch_scores(rm, rows, collate, batch_size, device, name="rm scores") -> list:
     """RM scores of encoded rows, one tensor per batch (for pairs: the chosen rows, then the
     rejected)."""
-    return batch_outputs(last_token_scores, rm, rows, collate, batch_size, device, name)
+    return batch_outputs(score_batch, rm, rows, collate, batch_size, device, name)
 
 
 def score_pairs(rm, pairs, batch_size, device):
@@ -770,6 +769,7 @@ def parse_args(argv=None) -> dict:
 
 
 def main(argv=None):
+    keep_freed_memory()  # glibc keeps freed logits-sized blocks for reuse (model.py)
     cfgs = parse_args(argv)
     try:
         setup_distributed()  # under torchrun; a no-op otherwise

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from flags import parse_fields, sweep_factors, with_split
-from model import regular_file
+from model import keep_freed_memory, regular_file
 from report import seed_record, study, write_study, write_sweep
 from train import (AUTOCAST_DTYPE, atomic_save, check_shapes, gather, is_main, load_checkpoint,
                    load_weights, memory_estimate, optimizer_steps, pick_device, time_probe,
@@ -520,7 +520,8 @@ def run_seeds(cfgs: dict, pipeline) -> Path:
           "thread each; "
           f"each seed's log: {out}/seed_<s>/log.txt")
     if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=keep_freed_memory) as pool:
             futures = [pool.submit(run_seed, pipeline, job, Path(job["run"].out) / "log.txt")
                        for job in jobs]
             for done in as_completed(futures):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from data import DemoConfig, collate_pairs, collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
-from mpo import (RMConfig, SFTConfig, accuracy_by_gap, batch_scores, bradley_terry_loss, last_token_scores,
+from mpo import (RMConfig, SFTConfig, accuracy_by_gap, batch_scores, bradley_terry_loss, score_batch,
                  score_pairs, sft, sft_loss, train_reward_model)
 
 # The demo-task model of the learning tests: the smallest GPT that spells the demo's words well after a
@@ -89,7 +89,7 @@ def test_reward_is_read_at_the_last_real_token_like_scalar_model_score():
     rm = ScalarModel(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=257, block_size=128))
     batch = collate_pairs([(p, r, r[1:]) for p, r in EXAMPLES])
     with torch.no_grad():
-        scores = last_token_scores(rm, batch)
+        scores = score_batch(rm, batch)
         torch.testing.assert_close(scores, rm.score(batch["tokens"], batch["attention_mask"]))
         rows = zip(batch["tokens"].tolist(), batch["lengths"])
         alone = torch.stack([rm(torch.tensor([row[:n]]))[0, -1] for row, n in rows])  # each row unpadded
