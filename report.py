@@ -1,10 +1,10 @@
 """report.md and its plots for a finished MPO run (mpo.run_pipeline calls write_report last): the results
 table of every model, the reward-gap split and the reward model's accuracy per gap, the ablations,
 learning curves from every stage's metrics.jsonl, reward against KL to the SFT model, samples, and the
-configuration. Below them, the study over seeds (mpo.run_seeds, --seeds N): results.json with every metric's
+configuration. Below them, the study over seeds (runs.run_seeds, --seeds N): results.json with every metric's
 mean, 95 % Student-t interval and per-seed values, the paper's claims as paired per-seed differences with a
 verdict, and the aggregated report.md with the over-optimisation curves; and the sweep's reward-KL frontier
-(mpo.run_sweep). Every file is written atomically (train.atomic_save).
+(runs.run_sweep). Every file is written atomically (train.atomic_save).
 """
 import io
 import json
@@ -266,7 +266,7 @@ def interval(s: dict) -> str:
 
 
 def plot_overoptimisation(path, folders) -> bool:
-    """Along every PPO stage, its held-out evaluations (ppo.evaluate, every eval_every iterations): gold (top
+    """Along every PPO stage, its held-out evaluations (ppo.eval_policy, every eval_every iterations): gold (top
     row; where the task has one) and RM score (bottom) against KL to the stage's reference, one line per seed
     (Gao et al. 2022: the gold reward rises, then falls while the proxy keeps rising). False when no stage
     logged an evaluation."""
