@@ -38,7 +38,7 @@ from data import (TOKENIZERS, DemoConfig, collate_pairs, collate_prompts, collat
                   load_gold_reward, load_task)
 from dpo import DPOConfig, dpo, response_logps
 from model import GPT, GPTConfig, ScalarModel, regular_file, response_mask
-from ppo import PPOConfig, ppo
+from ppo import Models, PPOConfig, ppo
 from report import METRICS, seed_record, study, write_report, write_study, write_sweep
 from train import (AUTOCAST_DTYPE, AUTOCAST_DTYPES, TrainConfig, atomic_save, autocast, check_shapes, gather, is_main,
                    load_checkpoint, load_weights, lock_run_folder, memory_estimate, pick_device, progress, rank,
@@ -536,8 +536,9 @@ def mpo_stages(out: Path, split: SplitConfig, sft_model, rm, easy, hard, cfgs, t
         skipped("mpo", stop)
         return policy
     ref = policy if split.stage2_ref == "dpo" else sft_model
-    return stage(out, "mpo", new, lambda d: ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), hard, tok,
-                                                cfgs["ppo"], d, prompts_eval, gold, "mpo"), stop, settings["mpo"])[0]
+    return stage(out, "mpo", new, lambda d: ppo(Models(trainable_copy(policy), ref, rm, trainable_copy(rm)),
+                                                hard, tok, cfgs["ppo"], d, prompts_eval, gold, "mpo"),
+                 stop, settings["mpo"])[0]
 
 
 def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
@@ -790,7 +791,8 @@ def run_pipeline(cfgs: dict) -> Path:
     if "ppo_all" in methods:
         all_prompts = distinct_prompts(rows)
         models["ppo_all"] = stage(out, "ppo_all", new, lambda d: ppo(
-            trainable_copy(sft_model), sft_model, rm, trainable_copy(rm), all_prompts, tok, budget([], rows)["ppo"], d,
+            Models(trainable_copy(sft_model), sft_model, rm, trainable_copy(rm)), all_prompts, tok,
+            budget([], rows)["ppo"], d,
             prompts_eval, task.gold_reward, "ppo_all"), run.stop_after, rec["ppo_all"])[0]
     skipped("ppo_all", "" if "ppo_all" in methods else run.stop_after)
     if "mpo_dpo" in methods and easy:  # MPO's first stage alone (trained here or by mpo_stages: the same stage)
