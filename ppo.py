@@ -65,20 +65,17 @@ class PPOConfig:
     prompts_per_step: int = 16        # prompts per iteration
     samples_per_prompt: int = 2       # responses sampled per prompt
     passes: int = 1                   # passes over the prompts (one over the hard prompts)
-    max_iterations: int = 0           # > 0: this many iterations instead of `passes`
-    #                                   (mpo.py --budget matched)
+    max_iterations: int = 0           # > 0: this many iterations, not `passes` (--budget matched)
     max_new_tokens: int = 256         # response budget
     temperature: float = 1.0          # sampling temperature (N+: 0.7); log-probs use it (detail 4)
     top_k: int = 0                    # 0 = off: pure sampling (detail 3)
     top_p: float = 1.0                # 1 = off
-    missing_eos_penalty: float = 1.0  # EOS trick (N+, TRL): subtracted from the score of a
-    #                                   response without EOS
+    missing_eos_penalty: float = 1.0  # EOS trick (N+, TRL): minus this for a response without EOS
     # rewards
     reward_clip: float = 5.0          # RM score clipped to [-reward_clip, reward_clip]
     kl_coef: float = 0.4              # beta of the per-token KL penalty (author: 0.4; N+: 0.05)
     kl_clamp: bool = True             # author's one-sided clamp: log-ratio clamped at 0 from below
-    kl_target: float = 0.0            # > 0: adaptive beta steering the KL per response to this
-    #                                   (Ziegler: 6)
+    kl_target: float = 0.0            # > 0: adaptive beta, steers the KL per response (Ziegler: 6)
     kl_horizon: int = 10000           # adaptive controller horizon, in responses
     whiten_rewards: bool = False
     # GAE
@@ -91,8 +88,7 @@ class PPOConfig:
     micro_batch_size: int = 8         # rows per forward; gradients accumulate over a minibatch
     clip_range: float = 0.2           # PPO ratio clip epsilon
     clip_range_value: float = 0.2     # value clip, in reward units
-    vf_coef: float = 1.0              # author: none (1); separate critic and optimizer: only
-    #                                   matters against grad_clip
+    vf_coef: float = 1.0              # author: none (1); own optimizer: acts only via grad_clip
     ent_coef: float = 0.0             # entropy bonus
     actor_lr: float = 3e-6
     critic_lr: float = 5e-6
@@ -105,12 +101,9 @@ class PPOConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 1                # iterations between log lines
-    eval_every: int = 50              # iterations between evaluations on eval_prompts (also first
-    #                                   and last)
-    eval_prompts: int = 128           # of the held-out prompts, the first (stratified) this many;
-    #                                   0 = all
-    ckpt_every: int = 50              # iterations between resumable checkpoints (always one at the
-    #                                   end)
+    eval_every: int = 50              # iterations between evaluations (also the first and last)
+    eval_prompts: int = 128           # the first (stratified) this many held-out prompts; 0 = all
+    ckpt_every: int = 50              # iterations between resumable checkpoints (and at the end)
     num_samples: int = 2              # completions per log line written to samples.jsonl
 
 
@@ -383,7 +376,7 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
                          f"{cfg.temperature}")
     policy, critic = models.policy, models.critic
     device = pick_device(cfg.device)
-    # a small fraction of the cost
+    # evaluations on the first cfg.eval_prompts: a small fraction of the cost
     eval_prompts = eval_prompts and eval_prompts[:cfg.eval_prompts or None]
     for model in (policy, models.ref, models.reward_model, critic):
         model.to(device).eval()  # detail 1: eval mode (no dropout) for good, training included
@@ -412,10 +405,9 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         run_eval()
     run.start_clock(it)
     while it < total:
-        # Pick prompts: this iteration's share of the pass (each pass in a new order),
-        # samples_per_prompt responses each. Under torchrun each rank samples its share (a rank left
-        # with none, at the tail of a pass, takes the first prompt: every rank must join each
-        # gradient all-reduce).
+        # Pick prompts: this iteration's share of the pass (each pass in a new order), with
+        # samples_per_prompt responses each. Under torchrun each rank samples its share (a rank
+        # left with none takes the first prompt: every rank must join each gradient all-reduce).
         epoch, k = divmod(it, per_pass)
         shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
         order = torch.randperm(len(prompts), generator=shuffle).tolist()
@@ -451,15 +443,15 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
 
         # Log; adapt the KL coefficient; evaluate; checkpoint.
         pairs = decode(tok, prompt_ids, ro)
-        returns_var = masked_var(ro.returns, mask).clamp(min=1e-8)
+        unexplained = masked_var(ro.returns - ro.values, mask)
+        explained_variance = 1 - float(unexplained / masked_var(ro.returns, mask).clamp(min=1e-8))
         stats |= {"score": float(ro.scores.mean()),
                   "rlhf_reward": float(rewards.sum(1).mean()),
                   "kl": float(((ro.logp - ro.ref_logp) * mask).sum(1).mean()),  # k1, per response
                   "kl_coef": kl_coef,
                   "response_len": float(mask.sum(1).mean()),
                   "eos_frac": float(ro.has_eos.float().mean()),
-                  "explained_variance": 1 - float(masked_var(ro.returns - ro.values, mask)
-                                                  / returns_var)}
+                  "explained_variance": explained_variance}
         if gold_reward:
             stats["gold"] = sum(gold_reward(p, r) for p, r in pairs) / len(pairs)
         stats = mean_over_ranks(stats)
