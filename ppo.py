@@ -189,8 +189,9 @@ def response_values(critic, seq, attn, P):
 
 @torch.no_grad()
 def rollout(models, prompt_ids, eos_id, cfg, generator) -> Rollout:
-    """Sample a response per prompt (left-padded, KV cache), truncate it after the first EOS, and
-    score it: policy and reference log-probs, the critic's values and the RM's score."""
+    """Sample a response per prompt (left-padded, KV cache: details 2, 3), truncate it after the
+    first EOS, and score it: policy and reference log-probs, the critic's values and the RM's
+    score, once for the whole update (detail 16)."""
     start = time.time()
     device = next(models.policy.parameters()).device
     batch = collate_prompts(prompt_ids)
@@ -208,6 +209,7 @@ def rollout(models, prompt_ids, eos_id, cfg, generator) -> Rollout:
     mask = mask[:, :R]
     attn = torch.cat([query_mask, mask], 1)
     generate_s = time.time() - start
+    # Score in micro-batches: micro_batch_size rows per forward, as in the update.
     out = defaultdict(list)
     for i in range(0, len(seq), cfg.micro_batch_size):
         s = seq[i:i + cfg.micro_batch_size]
