@@ -1,6 +1,6 @@
 """Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation with
 the KV cache, and of one PPO iteration, each through the code the stages run (their loss functions,
-train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random tokens.
+train.adamw, ppo.rollout and ppo.ppo_update), on a randomly initialised GPT-2-shaped model and random tokens.
 
     python bench.py                    # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
     python bench.py --dtype fp32 --only dpo_step generate_greedy
