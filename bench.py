@@ -1,7 +1,7 @@
 """Speed benchmarks: tokens/s and MFU of the SFT, reward-model and DPO training steps, of generation
 with the KV cache, and of one PPO iteration, each through the code the stages run (their loss
-functions, train.adamw, ppo.iteration), on a randomly initialised GPT-2-shaped model and random
-tokens.
+functions, train.adamw, ppo.rollout and ppo.ppo_update), on a randomly initialised GPT-2-shaped
+model and random tokens.
 
     python bench.py        # 4 layers, 4 heads, 256 wide, 50,257 vocab, batch 8, 64 + 64 tokens
     python bench.py --dtype fp32 --only dpo_step generate_greedy
@@ -40,7 +40,7 @@ from data import collate_pairs, collate_sft
 from dpo import DPOConfig, dpo_step_loss
 from model import GPT, GPTConfig, ScalarModel, keep_freed_memory
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
-from ppo import PPOConfig, iteration, optimizers
+from ppo import Models, PPOConfig, gae, optimizers, ppo_update, rollout, shape_rewards
 from train import adamw, autocast, memory_estimate, pick_device, set_dtype, to_device
 
 
@@ -217,15 +217,24 @@ def run_benchmarks(args, device, dtype):
         rm = ScalarModel.from_gpt(policy).eval().requires_grad_(False)
         ref = copy.deepcopy(policy).requires_grad_(False)
         critic = copy.deepcopy(rm).requires_grad_(True)
-        opt_pi, opt_v = optimizers(policy, critic, cfg, device)
+        models = Models(policy, ref, rm, critic)
+        opts = optimizers(models, cfg, device)
         prompt_ids = [ids(P) for _ in range(B)]
         splits = []
 
-        def ppo_iter():
-            ro, _, _, stats = iteration(policy, ref, rm, critic, opt_pi, opt_v, prompt_ids,
-                                        args.vocab - 1, cfg.kl_coef, cfg, len(splits))
-            splits.append((stats["generate_s"], stats["rollout_s"] - stats["generate_s"],
-                           stats["update_s"], int(ro["mask"].size(1))))
+        def ppo_iter():  # the rollout, rewards, GAE and update phases of ppo.ppo's loop
+            it = len(splits)
+            start = time.time()
+            generator = torch.Generator(device).manual_seed(it)
+            ro = rollout(models, prompt_ids, args.vocab - 1, cfg, generator)
+            mask = ro.mask.float()
+            rewards, _ = shape_rewards(ro.scores, ro.has_eos, ro.logp, ro.ref_logp, mask,
+                                       cfg.kl_coef, cfg)
+            ro.advantages, ro.returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+            scored = time.time()
+            ppo_update(models, opts, ro, cfg, torch.Generator().manual_seed(it))
+            splits.append((ro.generate_s, scored - start - ro.generate_s, time.time() - scored,
+                           int(ro.mask.size(1))))
         seconds, mem = timed(ppo_iter, device, 1, args.iters)
         generate_s, score_s, update_s, r = (statistics.median(x) for x in zip(*splits[1:]))
         r = int(r)

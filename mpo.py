@@ -34,7 +34,7 @@ from data import (DemoConfig, collate_pairs, collate_prompts, collate_sft, encod
 from dpo import DPOConfig, dpo, response_logps
 from flags import flag_parser, given_flags, make_configs, parse_fields, with_split
 from model import GPT, GPTConfig, ScalarModel, keep_freed_memory, response_mask
-from ppo import PPOConfig, ppo
+from ppo import Models, PPOConfig, ppo
 from report import METRICS, study, write_report
 from runs import (Interrupted, Stages, StopAfter, compute, load_pairs, open_run_folder, out_folder,
                   out_of_memory, pairs_cache, print_memory_estimate, print_plan, records,
@@ -385,8 +385,9 @@ def ppo_stage(policy, ref, rm, prompts, cfg: PPOConfig, data, folder: Path):
     """PPO from `policy` on `prompts` against the frozen `ref` (the KL reference) and `rm`, with a
     critic that starts from the RM: MPO's second stage on the hard prompts, ppo_all on all of them.
     Its curve is evaluated on the held-out prompts, with the gold reward when the task has one."""
-    return ppo(trainable_copy(policy), ref, rm, trainable_copy(rm), prompts, data.tok, cfg, folder,
-               data.prompts_eval, data.gold_reward, folder.name)
+    models = Models(trainable_copy(policy), ref, rm, trainable_copy(rm))
+    return ppo(models, prompts, data.tok, cfg, folder, data.prompts_eval, data.gold_reward,
+               folder.name)
 
 
 def mpo_stages(stages: Stages, cfgs, data, sft_model, rm, easy, hard):

@@ -321,11 +321,12 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, rows, collate, batch_size: int, device, name: str = "eval") -> dict:
+def eval_loss(model, loss_fn, rows, collate, batch_size: int, device, name: str = "eval") -> dict:
     """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch.
     Under torchrun each rank evaluates its shard of the rows and the sums are gathered."""
     model.eval()
-    sums, mine = {}, shard(rows)
+    sums = {}
+    mine = shard(rows)
     for i in progress(range(0, len(mine), batch_size), name):
         chunk = mine[i:i + batch_size]
         with autocast(device):
@@ -395,7 +396,7 @@ def load_weights(model, state: dict, path):
 
 
 def _drop_log_lines_after(log_path: Path, stage: str, step: int):
-    """Forget this stage's metrics lines logged after `step`: the resumed run logs those steps again."""
+    """Forget this stage's lines logged after `step`: the resumed run logs those steps again."""
     if not log_path.exists():
         return
     keep = []
@@ -404,114 +405,182 @@ def _drop_log_lines_after(log_path: Path, stage: str, step: int):
             record = json.loads(line)
         except json.JSONDecodeError:  # the last line can be torn by the crash that we resume from
             continue
-        if not isinstance(record, dict) or record.get("stage") != stage or record.get("step", -1) <= step:
+        ours = isinstance(record, dict) and record.get("stage") == stage
+        if not ours or record.get("step", -1) <= step:
             keep.append(line + "\n")
     atomic_save("".join(keep).encode(), log_path)
 
 
+class StageRun:
+    """What the loops of train() and ppo.ppo() share: resume from out_dir/<stage>_ckpt.pt, the
+    checkpoints, the lines of metrics.jsonl and samples.jsonl, the progress line with its rate and
+    ETA, and the stop on a value gone nan or inf. A loop counts `total` steps (PPO calls them
+    iterations: `unit`). `result` holds the last logged metrics, {"train/<name>": x, "eval/<name>":
+    y}, plus what the loop adds (compute/*); every checkpoint keeps it."""
+
+    def __init__(self, out_dir, stage: str, total: int, unit: str = "step"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stage, self.total, self.unit = stage, total, unit
+        self.ckpt_path = self.out_dir / f"{stage}_ckpt.pt"
+        self.result = {}
+        self.finished = False  # resume() found the stage done: only its weights were loaded
+        self.tty = sys.stdout.isatty()
+        self.line_open = False  # a progress line on the terminal waits for its newline
+        self.clock = (0, time.time())
+
+    def resume(self, **weights) -> tuple[int, dict | None]:
+        """Load the checkpoint if there is one: its weights into each model of `weights` ({key in
+        the checkpoint: model}), its step and result. Returns (step, checkpoint), or (0, None) for a
+        fresh start. A finished stage sets self.finished: the caller returns. Else the log lines
+        written after that step are forgotten: the resumed loop logs those steps again."""
+        step, ckpt = 0, None
+        if self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path)
+            for key, model in weights.items():
+                load_weights(model, ckpt[key], self.ckpt_path)
+            step, self.result = ckpt["step"], ckpt["metrics"]
+            if ckpt["done"]:
+                print(f"{self.stage}: finished checkpoint {self.ckpt_path} found, weights loaded, "
+                      "stage skipped")
+                self.finished = True
+                return step, ckpt
+            where = f"{self.unit} {step}/{self.total}"
+            print(f"{self.stage}: resuming from {self.ckpt_path} at {where}")
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _drop_log_lines_after(self.out_dir / name, self.stage, step if ckpt else -1)
+        return step, ckpt
+
+    def start_clock(self, step: int):
+        """The progress line's rate counts the steps from here on (not the first evaluation)."""
+        self.clock = (step, time.time())
+
+    def progress(self, step: int) -> str:
+        """"sft 30/100 | 3.21 it/s | ETA 0:00:21": the start of a train log line."""
+        start_step, start_time = self.clock
+        speed = rate_eta(step - start_step, self.total - start_step, time.time() - start_time)
+        return f"{self.stage} {step}/{self.total} | {speed}"
+
+    def log(self, step: int, split: str, metrics: dict, line: str, samples=()):
+        """Keep `metrics` in the result, append them to metrics.jsonl (and `samples`, dicts of a
+        prompt and its response, to samples.jsonl), and print `line`."""
+        self.result.update({f"{split}/{k}": v for k, v in metrics.items()})
+        if is_main():
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                record = {"stage": self.stage, "step": step, "split": split, "time": timestamp()}
+                f.write(json.dumps(record | metrics) + "\n")
+            if samples:
+                with open(self.out_dir / "samples.jsonl", "a") as f:
+                    f.writelines(json.dumps({"stage": self.stage, "step": step, **s}) + "\n"
+                                 for s in samples)
+        # On a terminal the train line is rewritten in place (\r, then clear to the line's end).
+        self.line_open = self.tty and split == "train"
+        print("\r" + line + "\033[K" if self.tty else line, end="" if self.line_open else "\n",
+              flush=True)
+
+    def stop_if_not_finite(self, step: int, values: dict):
+        """A one-line FloatingPointError when any of `values` ({name: float}) is nan or inf in step
+        + 1; the last checkpoint, from before, stays as it is."""
+        bad = [f"{k} is {v}" for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            kept = self.ckpt_path if self.ckpt_path.exists() else "none yet"
+            raise FloatingPointError(f"{self.stage}: {', '.join(bad)} at {self.unit} {step + 1}; "
+                                     f"stopped, last good checkpoint kept: {kept}")
+
+    def save(self, step: int, state: dict):
+        """A checkpoint to resume from at `step`: `state` (weights, optimizers, data position)."""
+        atomic_save(state | {"step": step, "metrics": self.result, "done": False}, self.ckpt_path)
+
+    def finish(self, step: int, weights: dict) -> dict:
+        """The finished checkpoint, which keeps only the `weights` (an optimizer would triple the
+        file); returns the result."""
+        if self.line_open:
+            print()
+        atomic_save(weights | {"step": step, "metrics": self.result, "done": True}, self.ckpt_path)
+        return self.result
+
+
 def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stage: str, collate,
           key_metric: str = "loss") -> dict:
-    """Train `model` in place; return the last logged metrics as {"train/<name>": x, "eval/<name>": y}.
-    `key_metric` is the metric the progress line shows beside the loss."""
-    device, world = pick_device(cfg.device), world_size()
+    """Train `model` in place; return the last logged metrics as {"train/<name>": x, "eval/<name>":
+    y}. `key_metric` is the metric the progress line shows beside the loss."""
+    device = pick_device(cfg.device)
+    world = world_size()
     if cfg.grad_accum % world:
-        raise ValueError(f"{stage}: --{stage}.grad_accum {cfg.grad_accum} is not a multiple of the {world} processes "
-                         "(each takes grad_accum / processes micro-batches of a step: same effective batch)")
+        raise ValueError(f"{stage}: --{stage}.grad_accum {cfg.grad_accum} is not a multiple of the "
+                         f"{world} processes (each takes grad_accum / processes micro-batches of a "
+                         "step: same effective batch)")
     accum = cfg.grad_accum // world  # this rank's micro-batches per optimizer step
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / f"{stage}_ckpt.pt", out_dir / "metrics.jsonl"
     model.to(device)
     optimizer = adamw(model, cfg, device)
     batches = Batches(train_data, cfg.batch_size, cfg.seed)
     total = optimizer_steps(cfg, len(train_data))
-    step, result = 0, {}
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.seed + rank() * 100003)  # each rank its own random stream (dropout)
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        load_weights(model, ckpt["model"], ckpt_path)
-        step, result = ckpt["step"], ckpt["metrics"]
-        if ckpt["done"]:
-            print(f"{stage}: finished checkpoint {ckpt_path} found, weights loaded, stage skipped")
-            return result
+    run = StageRun(out_dir, stage, total)
+    step, ckpt = run.resume(model=model)
+    if run.finished:
+        return run.result
+    if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         batches.epoch, batches.index = ckpt["data"]
         _set_rng_state(ckpt["rng"][rank() % len(ckpt["rng"])])
-        print(f"{stage}: resuming from {ckpt_path} at step {step}/{total}")
-    _drop_log_lines_after(log_path, stage, step if ckpt_path.exists() else -1)
-
-    def save(done: bool):
-        state = {"model": model.state_dict(), "step": step, "metrics": result, "done": done}
-        if not done:  # a finished stage needs only its weights; the optimizer would triple the file
-            state.update(optimizer=optimizer.state_dict(), data=(batches.epoch, batches.index),
-                         rng=gather(_rng_state()))  # one RNG state per rank
-        atomic_save(state, ckpt_path)
-
-    tty = sys.stdout.isatty()
-
-    def log(split: str, metrics: dict, line: str):
-        result.update({f"{split}/{k}": v for k, v in metrics.items()})
-        if is_main():
-            with open(log_path, "a") as f:
-                record = {"stage": stage, "step": step, "split": split, "time": timestamp(), **metrics}
-                f.write(json.dumps(record) + "\n")
-        # On a terminal one line is rewritten in place (\r, then clear to the end of the line).
-        print("\r" + line + "\033[K" if tty else line, end="" if tty and split == "train" else "\n", flush=True)
 
     def run_eval():
-        metrics = evaluate(fwd, loss_fn, eval_data, collate, cfg.batch_size, device, f"{stage} eval")
-        log("eval", metrics, f"{stage} eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        metrics = eval_loss(fwd, loss_fn, eval_data, collate, cfg.batch_size, device,
+                            f"{stage} eval")
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        run.log(step, "eval", metrics, f"{stage} eval step {step}: {shown}")
 
     fwd = torch.compile(model) if cfg.compile else model
-    # DDP all-reduces (averages) the gradients during backward, overlapped with it; evaluation uses fwd.
-    ddp = DDP(fwd, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None) if world > 1 else fwd
+    # DDP all-reduces (averages) the gradients during backward, overlapped with it; eval uses fwd.
+    ddp = fwd
+    if world > 1:
+        ddp = DDP(fwd, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     if step == 0 and eval_data and cfg.eval_every:
         run_eval()
-    start_time, start_step = time.time(), step
+    run.start_clock(step)
     while step < total:
         lr = lr_at(step, cfg, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        metrics, tokens = {}, 0
+        metrics = {}
+        tokens = 0
         for micro in range(accum):
-            if ddp is not fwd:  # all-reduce only in the last backward of the step (nanoGPT's no_sync shortcut)
+            if ddp is not fwd:  # all-reduce in the step's last backward only (nanoGPT's no_sync)
                 ddp.require_backward_grad_sync = micro == accum - 1
             batch = collate(next(batches))
-            tokens += int(batch["lengths"].sum()) if "lengths" in batch else 0  # token rows; counted on the CPU
+            if "lengths" in batch:  # token rows; counted on the CPU
+                tokens += int(batch["lengths"].sum())
             batch = to_device(batch, device)
             with autocast(device):
                 loss, extra = loss_fn(ddp, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step + 1}; stopped, last good "
-                                         f"checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
+            run.stop_if_not_finite(step, {"loss": loss.item()})
             (loss / accum).backward()  # mean over the effective batch (DDP averages over the ranks)
             for k, v in {"loss": loss.detach(), **extra}.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"{stage}: gradient norm is {grad_norm.item()} at step {step + 1}; stopped, "
-                                     f"last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}")
+        run.stop_if_not_finite(step, {"gradient norm": grad_norm.item()})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        # The stage's compute (the study compares methods' budgets): optimizer steps and the real (non-pad)
-        # tokens through forward + backward, all ranks; kept in result, so a resumed stage counts on.
-        result["compute/steps"] = step
-        result["compute/tokens"] = result.get("compute/tokens", 0) + int(sum_over_ranks({"t": tokens})["t"])
+        # The stage's compute (the study compares methods' budgets): optimizer steps and the real
+        # (non-pad) tokens through forward + backward, all ranks; in the result, so a resumed stage
+        # counts on.
+        run.result["compute/steps"] = step
+        tokens = int(sum_over_ranks({"t": tokens})["t"])
+        run.result["compute/tokens"] = run.result.get("compute/tokens", 0) + tokens
         if step % cfg.log_every == 0 or step == total:
             metrics = mean_over_ranks(metrics)
             shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
-            log("train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)},
-                f"{stage} {step}/{total} | {rate_eta(step - start_step, total - start_step, time.time() - start_time)} "
-                f"| loss {metrics['loss']:.4f}{shown}")
+            run.log(step, "train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)},
+                    f"{run.progress(step)} | loss {metrics['loss']:.4f}{shown}")
         if eval_data and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
             run_eval()
         if step % cfg.ckpt_every == 0 and step < total:
-            save(done=False)
-    if tty and not eval_data:  # end the progress line (an eval line already ends with a newline)
-        print()
-    save(done=True)
-    return result
+            # one RNG state per rank (gather: every rank takes part)
+            run.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "data": (batches.epoch, batches.index), "rng": gather(_rng_state())})
+    return run.finish(step, {"model": model.state_dict()})

@@ -23,7 +23,7 @@ sys.path.insert(0, {str(REPO)!r})
 from data import get_tokenizer
 from dpo import DPOConfig, dpo
 from model import GPT, GPTConfig, ScalarModel
-from ppo import PPOConfig, masked_whiten, ppo
+from ppo import Models, PPOConfig, masked_whiten, ppo
 from train import is_main, rank, setup_distributed, world_size
 
 setup_distributed()
@@ -44,7 +44,7 @@ torch.manual_seed(2)
 rm, prompts = ScalarModel(policy.config), [ids(8) for _ in range(8)]
 cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, micro_batch_size=4, actor_lr=1e-3,
                 critic_lr=1e-3, warmup_steps=0, eval_every=0, device="cpu")
-trained, _ = ppo(copy.deepcopy(policy), policy, rm, copy.deepcopy(rm), prompts, get_tokenizer("byte"), cfg,
+trained, _ = ppo(Models(copy.deepcopy(policy), policy, rm, copy.deepcopy(rm)), prompts, get_tokenizer("byte"), cfg,
                  sys.argv[1] + "/ppo")
 torch.save(trained.state_dict(), f"{{sys.argv[1]}}/ppo_rank{{rank()}}.pt")
 

@@ -12,8 +12,8 @@ from data import encode_dataset, get_tokenizer, load_task
 from dpo import token_logps
 from model import GPT, GPTConfig, ScalarModel
 from mpo import SFTConfig, sft
-from ppo import (PPOConfig, gae, policy_loss, ppo, ppo_update, response_logits, sample, score_samples,
-                 shape_rewards, value_loss)
+from ppo import (Models, PPOConfig, gae, policy_loss, ppo, ppo_update, response_logits, rollout, shape_rewards,
+                 value_loss)
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=257, block_size=128)
 
@@ -84,23 +84,25 @@ def tiny_setup():
 def test_rollout_and_training_forward_agree():
     tok, policy, rm, critic, _, ids = tiny_setup()
     # Greedy KV-cache generation must pick the argmax of the full, left-padded training forward.
-    seq, attn, P, mask = sample(policy, ids, tok.eot_token, PPOConfig(temperature=0, max_new_tokens=12), None)
+    models = Models(policy, copy.deepcopy(policy), rm, critic)
+    ro = rollout(models, ids, tok.eot_token, PPOConfig(temperature=0, max_new_tokens=12), None)  # greedy
+    seq, attn, P, mask = ro.seq, ro.attn, ro.P, ro.mask
     assert torch.equal(response_logits(policy, seq, attn, P, 1.0).argmax(-1)[mask], seq[:, P:][mask])
     # A padded row gets the log-probs of the same row alone, unpadded.
     cfg = PPOConfig(temperature=0.7, max_new_tokens=12, micro_batch_size=2, samples_per_prompt=2)
-    samples = sample(policy, [p for p in ids for _ in range(2)], tok.eot_token, cfg, torch.Generator().manual_seed(0))
-    ro, P = score_samples(policy, copy.deepcopy(policy), rm, critic, *samples, tok.eot_token, cfg)
-    for b in range(len(ro["seq"])):
-        real = ro["attn"][b]
-        alone = ro["seq"][b][real][None]
+    ro = rollout(models, [p for p in ids for _ in range(2)], tok.eot_token, cfg, torch.Generator().manual_seed(0))
+    P = ro.P
+    for b in range(len(ro.seq)):
+        real = ro.attn[b]
+        alone = ro.seq[b][real][None]
         P_alone = P - int((~real[:P]).sum())
         logp = token_logps(policy(alone[:, :-1], logits_from=P_alone - 1) / 0.7, alone[:, P_alone:])[0]
-        assert torch.allclose(logp, ro["logp"][b][ro["mask"][b]], atol=1e-5)
-    assert torch.equal(ro["logp"], ro["ref_logp"])  # ref = copy of the policy: KL exactly 0
+        assert torch.allclose(logp, ro.logp[b][ro.mask[b]], atol=1e-5)
+    assert torch.equal(ro.logp, ro.ref_logp)  # ref = copy of the policy: KL exactly 0
     # Before the first update the PPO ratio is exactly 1: nothing clipped, approx KL 0.
-    ro["advantages"], ro["returns"] = torch.randn_like(ro["values"]), torch.randn_like(ro["values"])
+    ro.advantages, ro.returns = torch.randn_like(ro.values), torch.randn_like(ro.values)
     lr0 = torch.optim.AdamW(policy.parameters(), lr=0.0)
-    stats = ppo_update(policy, critic, lr0, torch.optim.AdamW(critic.parameters(), lr=0.0), ro, P,
+    stats = ppo_update(models, (lr0, torch.optim.AdamW(critic.parameters(), lr=0.0)), ro,
                        PPOConfig(temperature=0.7, micro_batch_size=2), torch.Generator().manual_seed(1))
     assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approxkl"] == 0.0
 
@@ -109,7 +111,7 @@ def test_stage_runs_with_scalar_models_logs_and_skips_when_done(tmp_path):
     tok, policy, rm, critic, prompts, ids = tiny_setup()
     cfg = PPOConfig(prompts_per_step=2, max_new_tokens=8, passes=1, actor_lr=1e-3, critic_lr=1e-3, device="cpu")
     ref = copy.deepcopy(policy)
-    policy, metrics = ppo(policy, ref, rm, critic, ids, tok, cfg, tmp_path, eval_prompts=ids[:2])
+    policy, metrics = ppo(Models(policy, ref, rm, critic), ids, tok, cfg, tmp_path, eval_prompts=ids[:2])
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["stage"] == "ppo" for r in lines)
@@ -121,7 +123,7 @@ def test_stage_runs_with_scalar_models_logs_and_skips_when_done(tmp_path):
     assert {s["prompt"] for s in samples} <= set(prompts) and all(isinstance(s["response"], str) for s in samples)
     # A finished stage only loads its weights when called again.
     fresh = GPT(TINY)
-    again, metrics_again = ppo(fresh, copy.deepcopy(fresh), rm, critic, ids, tok, cfg, tmp_path)
+    again, metrics_again = ppo(Models(fresh, copy.deepcopy(fresh), rm, critic), ids, tok, cfg, tmp_path)
     assert metrics_again == metrics
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), policy.state_dict().values()))
 
@@ -132,7 +134,7 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, monkeypatch):
 
     def run(out_dir):  # fresh copies of the starting models, as a restarted process would have
         start = copy.deepcopy(policy)
-        return ppo(start, copy.deepcopy(policy), rm, copy.deepcopy(critic), ids, tok, cfg, out_dir)[0]
+        return ppo(Models(start, copy.deepcopy(policy), rm, copy.deepcopy(critic)), ids, tok, cfg, out_dir)[0]
 
     straight = run(tmp_path / "straight")
     real_update, calls = ppo_module.ppo_update, []
@@ -180,7 +182,7 @@ def test_ppo_raises_demo_gold_reward_at_bounded_kl(tmp_path):
                     micro_batch_size=64, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1, warmup_steps=0, decay="constant",
                     whiten_advantages=True, eval_every=0, device="cpu")
     prompts = encode_dataset(tok, sorted({p.prompt for p in task.pairs_train}), 32, 40)
-    policy, metrics = ppo(policy, ref, gold_rm, critic, prompts, tok, cfg, tmp_path / "ppo",
+    policy, metrics = ppo(Models(policy, ref, gold_rm, critic), prompts, tok, cfg, tmp_path / "ppo",
                           eval_prompts=encode_dataset(tok, task.prompts_eval[:64], 32, 40), gold_reward=task.gold_reward)
     evals = [r for r in map(json.loads, (tmp_path / "ppo" / "metrics.jsonl").open()) if r["split"] == "eval"]
     before = evals[0]  # the SFT policy, evaluated before the first update

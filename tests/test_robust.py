@@ -18,7 +18,7 @@ import torch
 import mpo
 from data import MAX_LINE, DataError, get_tokenizer, read_jsonl
 from model import GPT, GPTConfig, ScalarModel, read_safetensors
-from ppo import PPOConfig, ppo
+from ppo import Models, PPOConfig, ppo
 from train import TrainConfig, atomic_save, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,11 +156,12 @@ def test_nan_reward_stops_ppo_naming_the_quantities(tmp_path):
                     device="cpu")
     prompts = [[1, 2, 3]] * 12
     with pytest.raises(FloatingPointError) as error:
-        ppo(GPT(policy.config), policy, rm, ScalarModel(policy.config), prompts, get_tokenizer("byte"), cfg, tmp_path)
+        ppo(Models(GPT(policy.config), policy, rm, ScalarModel(policy.config)), prompts, get_tokenizer("byte"), cfg,
+            tmp_path)
     message = str(error.value)
     assert "\n" not in message and message.startswith("ppo: ") and "score" in message and "iteration 2" in message
     ckpt = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=True)
-    assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["policy"].values())
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["policy"].values())
 
 
 def test_cuda_out_of_memory_is_explained_in_one_line(monkeypatch, capsys, tmp_path):
@@ -365,7 +366,7 @@ def test_ppo_refuses_a_planted_checkpoint(tmp_path):
     policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=257, block_size=32))
     rm = ScalarModel(policy.config)
     with pytest.raises(ValueError, match=f"{tmp_path / 'ppo_ckpt.pt'}: not a weights-only checkpoint"):
-        ppo(GPT(policy.config), policy, rm, ScalarModel(policy.config), [[1, 2]], get_tokenizer("byte"),
+        ppo(Models(GPT(policy.config), policy, rm, ScalarModel(policy.config)), [[1, 2]], get_tokenizer("byte"),
             PPOConfig(device="cpu"), tmp_path)
     assert not (tmp_path / "pwned").exists()
 

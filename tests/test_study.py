@@ -11,7 +11,7 @@ import torch
 import mpo
 from data import collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
-from ppo import PPOConfig, ppo
+from ppo import Models, PPOConfig, ppo
 from report import T975, paired, seed_record, study, summary, t975, verdict
 from train import TrainConfig, train
 
@@ -129,7 +129,7 @@ def test_train_and_ppo_count_their_compute(tmp_path):
     cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2, num_minibatches=2,
                     micro_batch_size=2, warmup_steps=0, eval_every=0, device="cpu")
     policy, rm = GPT(config), ScalarModel(config)
-    _, result = ppo(policy, copy.deepcopy(policy), rm, copy.deepcopy(rm), prompts, tok, cfg, tmp_path / "ppo")
+    _, result = ppo(Models(policy, copy.deepcopy(policy), rm, copy.deepcopy(rm)), prompts, tok, cfg, tmp_path / "ppo")
     logs = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rows_per_iteration = [4, 2]  # 3 prompts, 2 per iteration, 2 samples each
     response_tokens = sum(n * line["response_len"] for n, line in zip(rows_per_iteration, logs))
