@@ -41,7 +41,7 @@ from dpo import DPOConfig, dpo_step_loss
 from model import GPT, GPTConfig, ScalarModel, keep_freed_memory
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
 from ppo import Models, PPOConfig, gae, optimizers, ppo_update, rollout, shape_rewards
-from train import adamw, autocast, memory_estimate, pick_device, set_dtype, to_device
+from train import adamw, autocast, memory_estimate, pick_device, to_device
 
 
 def sync(device):
@@ -118,7 +118,6 @@ def main():
     keep_freed_memory()  # glibc malloc reuses freed logits-sized blocks (model.py)
     device = pick_device(args.device)
     for dtype in args.dtype or (["fp32", "bf16"] if fast_bf16(device) else ["fp32"]):
-        set_dtype(dtype)
         run_benchmarks(args, device, dtype)
 
 
@@ -164,7 +163,7 @@ def run_benchmarks(args, device, dtype):
         batch = to_device(batch, device)
 
         def step():
-            with autocast(device):
+            with autocast(device, dtype):
                 loss, _ = loss_fn(fwd, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -203,7 +202,7 @@ def run_benchmarks(args, device, dtype):
     for name, temperature in (("generate_greedy", 0.0), ("generate_sample", 1.0)):
         if wanted(name):  # no eos_id: every row generates all R tokens
             def gen():
-                with autocast(device):
+                with autocast(device, dtype):
                     policy.generate(prompts, R, temperature=temperature)
             seconds, mem = timed(gen, device, args.warmup, args.iters)
             # prefill: body on P tokens, head on the last; then R - 1 decode steps of body + head
@@ -213,7 +212,7 @@ def run_benchmarks(args, device, dtype):
     if wanted("ppo_iteration"):
         cfg = PPOConfig(prompts_per_step=B, samples_per_prompt=1, max_new_tokens=R,
                         ppo_epochs=args.ppo_epochs, num_minibatches=1, micro_batch_size=B,
-                        device=str(device))
+                        device=str(device), dtype=dtype)
         rm = ScalarModel.from_gpt(policy).eval().requires_grad_(False)
         ref = copy.deepcopy(policy).requires_grad_(False)
         critic = copy.deepcopy(rm).requires_grad_(True)

@@ -72,14 +72,16 @@ def response_logps(model, batch):
 
 
 @torch.no_grad()
-def with_ref_logps(ref, pairs, batch_size, device, name="dpo"):
-    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once,
-    so training needs no reference forward (TRL's precompute_ref_log_probs). Under torchrun each
-    rank computes a shard and every rank gets them all."""
+def with_ref_logps(ref, pairs, cfg: DPOConfig, name="dpo"):
+    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once
+    in batches of cfg.batch_size, so training needs no reference forward (TRL's
+    precompute_ref_log_probs). Under torchrun each rank computes a shard and every rank gets them
+    all."""
+    batch_size, device = cfg.batch_size, pick_device(cfg.device)
     out, mine = [], shard(pairs)
     for i in progress(range(0, len(mine), batch_size), f"{name}: reference log-probs"):
         chunk = mine[i:i + batch_size]
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
         chosen, rejected = logps[:len(chunk)], logps[len(chunk):]
         out += [(*pair, c, r) for pair, c, r in zip(chunk, chosen, rejected)]
@@ -126,8 +128,8 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo
     collate = collate_pairs
     if cfg.precompute_ref:
         print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
-        pairs = with_ref_logps(ref, pairs, cfg.batch_size, device, stage)
-        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg.batch_size, device, stage)
+        pairs = with_ref_logps(ref, pairs, cfg, stage)
+        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg, stage)
         collate = collate_with_ref
 
     def loss_fn(model, batch):

@@ -24,7 +24,7 @@ CHOICES = {
     "run.tokenizer": ("", *TOKENIZERS),
     "run.budget": ("data", "matched"),
     "run.template": ("author", "tldr"),
-    "run.dtype": tuple(AUTOCAST_DTYPES),
+    **{f"{group}.dtype": tuple(AUTOCAST_DTYPES) for group in ("run", "sft", "rm", "dpo", "ppo")},
     "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo",
                        "mpo"),
     "rm.init": ("base", "sft"),
@@ -169,12 +169,13 @@ def given_flags(parser, argv=None) -> dict:
 
 def make_configs(classes: dict, preset: dict, given: dict) -> dict:
     """{group: config}: each dataclass's defaults, then the preset's values, then the flags given;
-    the run's device, seed and response length are every stage's unless a stage's own flag says
-    otherwise. Checked by validate: a ValueError "argument --flag: ..." for the first flag out of
-    bounds."""
+    the run's device, dtype, seed and response length are every stage's unless a stage's own flag
+    says otherwise. Checked by validate: a ValueError "argument --flag: ..." for the first flag out
+    of bounds."""
     run = classes["run"](**{**preset.get("run", {}), **given.get("run", {})})
     check_run_flags(run, classes["split"])
-    shared = {"device": run.device, "seed": run.seed, "max_new_tokens": run.max_response_len}
+    shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed,
+              "max_new_tokens": run.max_response_len}
     cfgs = {"run": run}
     for group, cls in list(classes.items())[1:]:
         inherited = {k: v for k, v in shared.items() if k in {f.name for f in fields(cls)}}

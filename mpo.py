@@ -40,7 +40,7 @@ from runs import (Interrupted, Stages, StopAfter, compute, load_pairs, open_run_
                   out_of_memory, pairs_cache, print_memory_estimate, print_plan, records,
                   release_run_folders, run_study, save_pairs, variant_folder)
 from train import (TrainConfig, atomic_save, autocast, optimizer_steps, pick_device, progress, rank,
-                   sampling_batch, set_dtype, setup_distributed, shard, to_device, train, unshard)
+                   sampling_batch, setup_distributed, shard, to_device, train, unshard)
 
 
 # 1. Supervised fine-tuning on the chosen responses (or the task's SFT data)
@@ -128,15 +128,15 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
                     key_metric="accuracy")
     device = pick_device(cfg.device)
     if reference_examples:
-        metrics |= normalize_scores(rm, reference_examples, cfg.batch_size, device)
+        metrics |= normalize_scores(rm, reference_examples, cfg)
     if eval_pairs:
-        chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device)
+        chosen, rejected = score_pairs(rm, eval_pairs, cfg.batch_size, device, cfg.dtype)
         metrics["eval/accuracy_by_gap"] = accuracy_by_gap(chosen - rejected)
         metrics["eval/accuracy_by_gap_quartile"] = accuracy_by_gap_quartile(chosen - rejected)
     return rm, metrics
 
 
-def normalize_scores(rm, examples, batch_size, device) -> dict:
+def normalize_scores(rm, examples, cfg: RMConfig) -> dict:
     """Set the head's offset and gain so the encoded (prompt, response) rows score mean 0 and
     standard deviation 1 (N+ reward normalisation): a gap is then in units of the spread of SFT
     responses, a scale on which a threshold such as delta = 1 means the same on any RM. The spread
@@ -144,7 +144,8 @@ def normalize_scores(rm, examples, batch_size, device) -> dict:
     there are such prompts: Bradley-Terry leaves each prompt's score level free, and those levels
     would otherwise swell the std that a gap between two responses to one prompt is divided by."""
     rm.offset.zero_(), rm.gain.fill_(1.0)  # measure the raw head output
-    raw = torch.cat(batch_scores(rm, examples, collate_sft, batch_size, device))
+    device = pick_device(cfg.device)
+    raw = torch.cat(batch_scores(rm, examples, collate_sft, cfg.batch_size, device, cfg.dtype))
     ids = {}
     group = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p, _ in examples])  # prompt index
     counts = torch.bincount(group).float()
@@ -191,7 +192,7 @@ def accuracy_by_gap_quartile(gaps) -> dict:
 
 
 @torch.no_grad()
-def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") -> list:
+def batch_outputs(fn, model, rows, collate, batch_size, device, dtype, name="scoring") -> list:
     """fn(model, batch) over encoded rows, batch by batch, in eval mode: one CPU tensor per batch.
     Under torchrun each rank takes a shard of the rows and every rank gets all the outputs, in
     order. `name` labels the progress lines of a long pass."""
@@ -199,21 +200,21 @@ def batch_outputs(fn, model, rows, collate, batch_size, device, name="scoring") 
     outputs, mine = [], shard(rows)
     for i in progress(range(0, len(mine), batch_size), name):
         batch = to_device(collate(mine[i:i + batch_size]), device)
-        with autocast(device):
+        with autocast(device, dtype):
             outputs.append(fn(model, batch).float().cpu())
     return unshard(outputs)
 
 
-def batch_scores(rm, rows, collate, batch_size, device, name="rm scores") -> list:
+def batch_scores(rm, rows, collate, batch_size, device, dtype, name="rm scores") -> list:
     """RM scores of encoded rows, one tensor per batch (for pairs: the chosen rows, then the
     rejected)."""
-    return batch_outputs(score_batch, rm, rows, collate, batch_size, device, name)
+    return batch_outputs(score_batch, rm, rows, collate, batch_size, device, dtype, name)
 
 
-def score_pairs(rm, pairs, batch_size, device):
+def score_pairs(rm, pairs, batch_size, device, dtype):
     """(chosen_scores, rejected_scores), each (N,), of encoded (prompt, chosen, rejected)
     triples."""
-    scores = batch_scores(rm, pairs, collate_pairs, batch_size, device)
+    scores = batch_scores(rm, pairs, collate_pairs, batch_size, device, dtype)
     chosen, rejected = zip(*(s.chunk(2) for s in scores))
     return torch.cat(chosen), torch.cat(rejected)
 
@@ -221,20 +222,20 @@ def score_pairs(rm, pairs, batch_size, device):
 # 3. Resample and score: two SFT samples per prompt, the RM's gap between them
 
 @torch.no_grad()
-def sample_responses(model, prompts, eos_id, max_new_tokens, batch_size, device, seed=0,
-                     temperature=1.0, top_k=None, top_p=None, name="sampling") -> list:
-    """One sampled response (token ids, EOS included when reached) per encoded prompt. Under
-    torchrun each rank samples for a shard of the prompts (its own seed) and every rank gets all
-    responses."""
+def sample_responses(model, prompts, eos_id, run, batch_size, device, temperature=1.0, top_k=None,
+                     top_p=None, name="sampling") -> list:
+    """One sampled response (token ids, EOS included when reached) per encoded prompt, up to
+    --max_response_len tokens, from the run's seed and under its --dtype. Under torchrun each rank
+    samples for a shard of the prompts (its own seed) and every rank gets all responses."""
     model.to(device).eval()
-    g = torch.Generator(device).manual_seed(seed + rank() * 100003)
+    g = torch.Generator(device).manual_seed(run.seed + rank() * 100003)
     out, mine = [], shard(prompts)
     for i in progress(range(0, len(mine), batch_size), name):
         batch = to_device(collate_prompts(mine[i:i + batch_size]), device)
         T = batch["tokens"].size(1)
-        with autocast(device):
-            new = model.generate(batch["tokens"], max_new_tokens, temperature, top_k, top_p, eos_id,
-                                 batch["attention_mask"], generator=g)[:, T:]
+        with autocast(device, run.dtype):
+            new = model.generate(batch["tokens"], run.max_response_len, temperature, top_k, top_p,
+                                 eos_id, batch["attention_mask"], generator=g)[:, T:]
         keep = response_mask(new, eos_id)
         out += [row[m].tolist() for row, m in zip(new.cpu(), keep.cpu())]
     return unshard(out)
@@ -252,16 +253,16 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id, device):
     so every gap is >= 0. "human": the dataset's own pairs; a negative gap means the RM disagrees
     with the label, and |gap| decides the side all the same."""
     if split.source == "human":
-        chosen, rejected = score_pairs(rm, pairs, split.batch_size, device)
+        chosen, rejected = score_pairs(rm, pairs, split.batch_size, device, run.dtype)
         return pairs, chosen - rejected
     if split.source != "resample":
         raise ValueError(f"--split.source must be 'resample' or 'human', got {split.source!r}")
     prompts = [row[0] for row in pairs] if split.pairs_per_row else distinct_prompts(pairs)
     twice = [list(p) for p in prompts for _ in range(2)]
-    responses = sample_responses(sft_model, twice, eos_id, run.max_response_len, split.batch_size,
-                                 device, run.seed, 1.0, 50, 0.9, "resample: SFT samples")
+    responses = sample_responses(sft_model, twice, eos_id, run, split.batch_size, device, 1.0, 50,
+                                 0.9, "resample: SFT samples")
     scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, split.batch_size,
-                                    device, "resample: RM scores"))
+                                    device, run.dtype, "resample: RM scores"))
     rows, gaps = [], []
     for i in range(0, len(twice), 2):
         first = bool(scores[i] >= scores[i + 1])
@@ -434,10 +435,10 @@ class EvalConfig:
     show: int = 3             # sample responses per model in the report
 
 
-def logps_of(model, rows, batch_size, device):
+def logps_of(model, rows, batch_size, device, dtype):
     """Summed response log-probs (N,) of encoded (prompt, response) rows under `model`."""
     return torch.cat(batch_outputs(response_logps, model, rows, collate_sft, batch_size, device,
-                                   "log-probs"))
+                                   dtype, "log-probs"))
 
 
 def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig, device) -> tuple:
@@ -452,14 +453,13 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig, device) -> tupl
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
     results, samples, scores = {}, {}, {}
     for name, model in models.items():
-        responses = sample_responses(model, prompts, tok.eot_token, run.max_response_len,
-                                     cfg.batch_size, device, run.seed, cfg.temperature,
-                                     name=f"evaluate {name}: sampling")
+        responses = sample_responses(model, prompts, tok.eot_token, run, cfg.batch_size, device,
+                                     cfg.temperature, name=f"evaluate {name}: sampling")
         rows = list(zip(prompts, responses))
         scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device,
-                                              f"evaluate {name}: RM"))
-        kl = (logps_of(model, rows, cfg.batch_size, device)
-              - logps_of(models["sft"], rows, cfg.batch_size, device))
+                                              run.dtype, f"evaluate {name}: RM"))
+        kl = (logps_of(model, rows, cfg.batch_size, device, run.dtype)
+              - logps_of(models["sft"], rows, cfg.batch_size, device, run.dtype))
         texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
         results[name] = {}
         if data.gold_reward:  # standard error over prompts: a prompt's samples are not independent
@@ -640,7 +640,6 @@ def run_pipeline(cfgs: dict) -> Path:
     def sized(s):  # a device-sized sampling batch where --split.batch_size is 0
         return replace(s, batch_size=s.batch_size or batch)
 
-    set_dtype(run.dtype)
     print_memory_estimate(base.config, cfgs, device)
     # Only now, with the data and the model checked, is --out locked and compared with the flags.
     planned = open_run_folder(out, cfgs, base)
@@ -665,7 +664,7 @@ def run_pipeline(cfgs: dict) -> Path:
     rows, gaps = pairs_of(split)
     easy, hard, split_stats = split_pairs(rows, gaps, split, out, data.tok)
     if data.gold_reward:  # how far the RM and its split can be trusted, measured against the truth
-        chosen, rejected = score_pairs(rm, data.pairs_eval, batch, device)
+        chosen, rejected = score_pairs(rm, data.pairs_eval, batch, device, run.dtype)
         rm_metrics["gold"] = gold_checks(data, chosen - rejected, rows, gaps, split_stats["delta"])
     stages.stop_if_last("split")
 

@@ -100,6 +100,7 @@ class PPOConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"               # autocast: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     log_every: int = 1                # iterations between log lines
     eval_every: int = 50              # iterations between evaluations (also the first and last)
     eval_prompts: int = 128           # the first (stratified) this many held-out prompts; 0 = all
@@ -199,7 +200,7 @@ def rollout(models, prompt_ids, eos_id, cfg, generator) -> Rollout:
     query_mask = batch["attention_mask"].to(device)
     top_k = cfg.top_k or None
     top_p = cfg.top_p if cfg.top_p < 1 else None
-    with autocast(device):
+    with autocast(device, cfg.dtype):
         seq = models.policy.generate(query, cfg.max_new_tokens, cfg.temperature, top_k, top_p,
                                      eos_id, query_mask, generator=generator)
     P = query.size(1)
@@ -214,7 +215,7 @@ def rollout(models, prompt_ids, eos_id, cfg, generator) -> Rollout:
     for i in range(0, len(seq), cfg.micro_batch_size):
         s = seq[i:i + cfg.micro_batch_size]
         a = attn[i:i + cfg.micro_batch_size]
-        with autocast(seq.device):
+        with autocast(seq.device, cfg.dtype):
             for name, model in (("logp", models.policy), ("ref_logp", models.ref)):
                 out[name].append(token_logps(response_logits(model, s, a, P, cfg.temperature),
                                              s[:, P:]))
@@ -295,7 +296,7 @@ def ppo_update(models, opts, ro, cfg, generator):
             for idx in [i for i in mb.split(cfg.micro_batch_size) if len(i)]:
                 b = ro.rows(idx)
                 m = b.mask.float()
-                with autocast(device):
+                with autocast(device, cfg.dtype):
                     logits = response_logits(policy, b.seq, b.attn, b.P, cfg.temperature)
                     new_values = response_values(critic, b.seq, b.attn, b.P)
                 logp = token_logps(logits, b.responses)

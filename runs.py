@@ -26,7 +26,7 @@ import torch
 from flags import parse_fields, sweep_factors, with_split
 from model import keep_freed_memory, regular_file
 from report import seed_record, study, write_study, write_sweep
-from train import (AUTOCAST_DTYPE, atomic_save, check_shapes, gather, is_main, load_checkpoint,
+from train import (atomic_save, autocast_dtype, check_shapes, gather, is_main, load_checkpoint,
                    load_weights, memory_estimate, optimizer_steps, pick_device, time_probe,
                    world_size)
 
@@ -106,8 +106,8 @@ def out_of_memory(name: str) -> str:
             "finished stages and the last checkpoint are kept: rerun with the same --out to resume")
 
 
-# What decides a stage's weights, recorded as it starts (Stages.run, settings.json) and compared before
-# a rerun changes anything (stale_records): the data (dataset, data_dir, template, lengths,
+# What decides a stage's weights, recorded as it starts (Stages.run, settings.json) and compared
+# before a rerun changes anything (stale_records): the data (dataset, data_dir, template, lengths,
 # max_train), the model (init, or a fresh GPT's shape), the seed, the stage's own config, and the
 # records of the stages it starts from, so a change reaches every stage after it. Not recorded, as
 # they change how or where a result is computed, or what is logged, but not the result: out, device,
@@ -384,7 +384,7 @@ def print_memory_estimate(config, cfgs, device):
     the reference and the RM, with the LM head on the response positions only."""
     R = cfgs["run"].max_response_len
     seq = cfgs["run"].max_prompt_len + R
-    bf16 = AUTOCAST_DTYPE.get(device.type) == torch.bfloat16
+    bf16 = autocast_dtype(device, cfgs["run"].dtype) == torch.bfloat16
     estimate = partial(memory_estimate, config, seq_len=seq, bf16=bf16)
     sizes = {"sft": estimate(cfgs["sft"].batch_size, head_positions=seq - 1),
              "rm": estimate(2 * cfgs["rm"].batch_size, head_positions=0),
@@ -408,7 +408,7 @@ def print_plan(cfgs, base, sft_rows, pairs, device):
     seq = run.max_prompt_len + run.max_response_len
     bs = cfgs["sft"].batch_size
     ppo_rows = ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt
-    t = time_probe(base, bs, seq, (split.batch_size, ppo_rows), device)
+    t = time_probe(base, bs, seq, (split.batch_size, ppo_rows), device, run.dtype)
     row = t["train_step"] / bs  # seconds of forward + backward per full-length row
     n_sft, n_pairs, n_prompts = len(sft_rows), len(pairs), len({tuple(row[0]) for row in pairs})
     n_split = n_pairs if split.source == "human" or split.pairs_per_row else n_prompts

@@ -1,18 +1,19 @@
 """The one training loop of mpo: the SFT, reward-model and DPO stages all run through `train()`.
 
-nanoGPT's train.py turned into a function. A stage hands it a model, a `loss_fn(model, batch) -> (loss,
-metrics)`, lists of encoded rows and a `collate(rows) -> batch dict`; `train` does the rest: AdamW with
-weight decay on matrices only, linear warm-up then cosine or linear decay, gradient accumulation,
-clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU unless --dtype bf16), evaluation every `eval_every`
-steps, a progress line, one JSON line per logged step in `out_dir/metrics.jsonl`, and crash-safe
-checkpoints. Calling `train` again with the same out_dir resumes from the last checkpoint (on CPU
-bit-identical to a run that never stopped); once a stage has finished, calling it again only loads the
-final weights. Under torchrun the same loop runs data-parallel with DDP: the ranks share the grad_accum
-micro-batches of each step, so the effective batch (batch_size x grad_accum) does not depend on the
-number of processes.
+nanoGPT's train.py turned into a function. A stage hands it a model, a `loss_fn(model, batch) ->
+(loss, metrics)`, lists of encoded rows and a `collate(rows) -> batch dict`; `train` does the rest:
+AdamW with weight decay on matrices only, linear warm-up then cosine or linear decay, gradient
+accumulation, clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU unless --dtype bf16), evaluation
+every `eval_every` steps, a progress line, one JSON line per logged step in `out_dir/metrics.jsonl`,
+and crash-safe checkpoints. Calling `train` again with the same out_dir resumes from the last
+checkpoint (on CPU bit-identical to a run that never stopped); once a stage has finished, calling it
+again only loads the final weights. Under torchrun the same loop runs data-parallel with DDP: the
+ranks share the grad_accum micro-batches of each step, so the effective batch (batch_size x
+grad_accum) does not depend on the number of processes.
 
     from train import TrainConfig, train
-    metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/demo", "sft", collate)
+    metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/sft", "sft",
+                    collate)
 """
 import atexit
 import builtins
@@ -41,27 +42,31 @@ from model import atomic_write, regular_file
 class TrainConfig:
     lr: float = 1e-5          # peak learning rate
     batch_size: int = 8       # rows per micro-batch (for DPO and the RM a row is a pair)
-    grad_accum: int = 4       # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    grad_accum: int = 4       # micro-batches per optimizer step: effective batch = batch_size x
+                              # grad_accum
     epochs: float = 1.0       # passes over the training rows, used when max_steps is 0
     max_steps: int = 0        # optimizer steps; 0 = derive from epochs
     warmup_steps: int = 0     # linear warm-up to lr over this many steps
     decay: str = "cosine"     # "cosine" or "linear" decay to 0 after the warm-up, or "constant"
     weight_decay: float = 0.0  # AdamW decoupled weight decay, on >= 2-D parameters only
     grad_clip: float = 1.0    # clip the global gradient norm to this
-    eval_every: int = 100     # steps between evaluations (also at step 0 and at the end); 0 = end only
+    eval_every: int = 100     # steps between evaluations (also at step 0 and at the end); 0 = end
+                              # only
     log_every: int = 10       # steps between train log lines
     ckpt_every: int = 500     # steps between checkpoints (there is always one at the end)
     seed: int = 0
     device: str = "auto"      # "auto" = cuda when available, else cpu
+    dtype: str = "auto"       # autocast: "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False     # torch.compile the model for the forward passes
 
 
-# Data parallelism under torchrun (`torchrun --nproc_per_node=N mpo.py ...`): the only code that knows
-# about ranks. Without torchrun (WORLD_SIZE unset) rank is 0, world size 1 and every helper is a no-op.
+# Data parallelism under torchrun (`torchrun --nproc_per_node=N mpo.py ...`): the only code that
+# knows about ranks. Without torchrun (WORLD_SIZE unset) rank is 0, world size 1 and every helper is
+# a no-op.
 
 def setup_distributed() -> int:
-    """Join torchrun's process group (nccl on CUDA, one GPU per rank; gloo on CPU) and silence print()
-    on ranks > 0. Returns the world size; 1 without torchrun."""
+    """Join torchrun's process group (nccl on CUDA, one GPU per rank; gloo on CPU) and silence
+    print() on ranks > 0. Returns the world size; 1 without torchrun."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return world_size()
     if torch.cuda.is_available():
@@ -103,7 +108,8 @@ def gather(obj) -> list:
 
 
 def shard(items: list) -> list:
-    """This rank's contiguous slice of items, for work split over the ranks (evaluation, sampling)."""
+    """This rank's contiguous slice of items, for work split over the ranks (evaluation,
+    sampling)."""
     return items[rank() * len(items) // world_size():(rank() + 1) * len(items) // world_size()]
 
 
@@ -115,7 +121,8 @@ def unshard(part: list) -> list:
 def sum_over_ranks(sums: dict) -> dict:
     """Every rank's sums (floats; a rank with an empty shard may lack keys), added up."""
     parts = gather(sums)
-    return {k: sum(p.get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
+    keys = dict.fromkeys(k for p in parts for k in p)
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
 
 
 def mean_over_ranks(metrics: dict) -> dict:
@@ -126,40 +133,44 @@ def mean_over_ranks(metrics: dict) -> dict:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is "
+                         "False)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-# Autocast dtype per device type for each --dtype (set_dtype). bf16 has fp32's exponent range, so no loss
-# scaling is needed; weights, gradients and AdamW moments stay fp32 either way. "bf16" autocasts on CPU
-# too: CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls ~6x faster than fp32.
+# Autocast dtype per device type for each --dtype. bf16 has fp32's exponent range, so no loss
+# scaling is needed; weights, gradients and AdamW moments stay fp32 either way. "bf16" autocasts on
+# CPU too: CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls ~6x faster than fp32.
 AUTOCAST_DTYPES = {"auto": {"cuda": torch.bfloat16}, "fp32": {},
                    "bf16": {"cuda": torch.bfloat16, "cpu": torch.bfloat16}}
-AUTOCAST_DTYPE = dict(AUTOCAST_DTYPES["auto"])  # the one in effect
 
 
-def set_dtype(name: str):
-    if name not in AUTOCAST_DTYPES:
-        raise ValueError(f"--dtype {name}: choose {', '.join(AUTOCAST_DTYPES)}")
-    AUTOCAST_DTYPE.clear()
-    AUTOCAST_DTYPE.update(AUTOCAST_DTYPES[name])
+def autocast_dtype(device, dtype: str) -> torch.dtype | None:
+    """The dtype that --dtype `dtype` autocasts to on this device; None: plain fp32."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose {', '.join(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[dtype].get(torch.device(device).type)
 
 
-def autocast(device):
-    """bf16 autocast where --dtype asks for it on this device type; plain fp32 elsewhere."""
-    device_type = torch.device(device).type
-    dtype = AUTOCAST_DTYPE.get(device_type)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+def autocast(device, dtype: str):
+    """bf16 autocast where --dtype `dtype` asks for it on this device type; fp32 elsewhere."""
+    to = autocast_dtype(device, dtype)
+    if to is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=to)
 
 
 def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, bf16=False) -> dict:
-    """Rough peak bytes of one training micro-batch of `rows` sequences: fp32 weights, gradients and AdamW
-    moments (16 bytes per parameter) of the `trained` models, fp32 weights of the `frozen` ones, the
-    activations autograd keeps (about 34 bytes per token per unit of width per layer in 16-bit with flash
-    attention, Korthikanti et al. 2022, table 2; twice that in fp32; with activation checkpointing only
-    each block's input plus one block being recomputed) and three fp32 buffers of logits (the logits, the
-    log-softmax or logsumexp pass, the gradient; measured on CPU for SFT, DPO and PPO with the system
-    allocator, MPO_MALLOPT=0) on the `head_positions` of each row."""
+    """Rough peak bytes of one training micro-batch of `rows` sequences: fp32 weights, gradients and
+    AdamW moments (16 bytes per parameter) of the `trained` models, fp32 weights of the `frozen`
+    ones, the activations autograd keeps (about 34 bytes per token per unit of width per layer in
+    16-bit with flash attention, Korthikanti et al. 2022, table 2; twice that in fp32; with
+    activation checkpointing only each block's input plus one block being recomputed) and three fp32
+    buffers of logits (the logits, the log-softmax or logsumexp pass, the gradient; measured on CPU
+    for SFT, DPO and PPO with the system allocator, MPO_MALLOPT=0) on the `head_positions` of each
+    row."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     elem = 2 if bf16 else 4
@@ -171,10 +182,10 @@ def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, 
 
 
 def sampling_batch(config, seq_len, device, cpu_rows=32, most=512) -> int:
-    """Rows per sampling / scoring batch (--split.batch_size 0, --eval.batch_size 0): cpu_rows on a CPU;
-    on a GPU as many as half its free memory holds, counting per row the KV cache of every layer in
-    16-bit and three fp32 rows of logits for each position (scoring a whole response), at most `most`:
-    a batch of 32 leaves an 80 GB card nearly idle."""
+    """Rows per sampling / scoring batch (--split.batch_size 0, --eval.batch_size 0): cpu_rows on a
+    CPU; on a GPU as many as half its free memory holds, counting per row the KV cache of every
+    layer in 16-bit and three fp32 rows of logits for each position (scoring a whole response), at
+    most `most`: a batch of 32 leaves an 80 GB card nearly idle."""
     if torch.device(device).type != "cuda":
         return cpu_rows
     free, _ = torch.cuda.mem_get_info()
@@ -182,15 +193,18 @@ def sampling_batch(config, seq_len, device, cpu_rows=32, most=512) -> int:
     return max(1, min(most, free // 2 // per_row))
 
 
-def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device) -> dict:
-    """Seconds of one forward + backward of `rows` random sequences of seq_len tokens ("train_step"), and
-    of one decoding step for each number of rows in `sample_rows` (a 9-token generate after a seq_len / 2
-    prompt, less a 1-token one), each the second of two timed calls: what the plan at the start of a run
-    multiplies. The weights, their device, the mode and the global random state stay as they were."""
+def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device, dtype: str) -> dict:
+    """Seconds of one forward + backward of `rows` random sequences of seq_len tokens
+    ("train_step"), and of one decoding step for each number of rows in `sample_rows` (a 9-token
+    generate after a seq_len / 2 prompt, less a 1-token one), each the second of two timed calls:
+    what the plan at the start of a run multiplies. The weights, their device, the mode and the
+    global random state stay as they were."""
     g = torch.Generator().manual_seed(0)
     home, mode = next(model.parameters()).device, model.training
     model.to(device).train()
-    ids = lambda n, t: torch.randint(model.config.vocab_size, (n, t), generator=g).to(device)  # noqa: E731
+
+    def ids(n, t):
+        return torch.randint(model.config.vocab_size, (n, t), generator=g).to(device)
 
     def timed(fn):
         for _ in range(2):
@@ -203,14 +217,15 @@ def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device) -> di
         return time.perf_counter() - start
 
     def step():
-        with autocast(device):
+        with autocast(device, dtype):
             model(ids(rows, seq_len)).float().mean().backward()
         model.zero_grad(set_to_none=True)
 
     def decode_step(n):
         prompts = ids(n, max(1, seq_len // 2))
-        with autocast(device):
-            one, nine = (timed(lambda k=k: model.generate(prompts, k, generator=torch.Generator(device)))
+        with autocast(device, dtype):
+            one, nine = (timed(lambda k=k: model.generate(prompts, k,
+                                                          generator=torch.Generator(device)))
                          for k in (1, 9))
         return max(nine - one, 1e-9) / 8
 
@@ -220,16 +235,17 @@ def time_probe(model, rows: int, seq_len: int, sample_rows: tuple, device) -> di
 
 
 def atomic_save(obj, path):
-    """model.atomic_write of torch.save(obj), or of obj itself when it is bytes: a crash mid-write never
-    leaves a torn file behind. Under torchrun only rank 0 writes: every rank holds the same weights and
-    results."""
+    """model.atomic_write of torch.save(obj), or of obj itself when it is bytes: a crash mid-write
+    never leaves a torn file behind. Under torchrun only rank 0 writes: every rank holds the same
+    weights and results."""
     if is_main():
         atomic_write(path, lambda f: f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f))
 
 
 def rate_eta(done: int, total: int, seconds: float) -> str:
     """"3.21 it/s | ETA 0:01:05": the rate so far and the time left at that rate; "s/it" when an
-    iteration takes more than a second (a GPT-2 step on a CPU), so that the rate never reads 0.00."""
+    iteration takes more than a second (a GPT-2 step on a CPU), so that the rate never reads
+    0.00."""
     rate = done / max(seconds, 1e-9)
     speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/it"
     return f"{speed} | ETA {datetime.timedelta(seconds=round((total - done) / max(rate, 1e-9)))}"
@@ -253,9 +269,10 @@ def timestamp() -> str:
 
 
 def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
-    """The optimizer steps train() takes on `rows` training rows: cfg.max_steps, else cfg.epochs passes of
-    whole micro-batches (Batches), grad_accum to a step."""
-    return cfg.max_steps or max(1, int(cfg.epochs * (rows // max(1, min(cfg.batch_size, rows)))) // cfg.grad_accum)
+    """The optimizer steps train() takes on `rows` training rows: cfg.max_steps, else cfg.epochs
+    passes of whole micro-batches (Batches), grad_accum to a step."""
+    micro_batches = rows // max(1, min(cfg.batch_size, rows))
+    return cfg.max_steps or max(1, int(cfg.epochs * micro_batches) // cfg.grad_accum)
 
 
 def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
@@ -275,28 +292,29 @@ def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
 
 
 def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95); weight decay only on >= 2-D tensors (matmuls, embeddings), never on
-    biases, LayerNorm gains or the reward offset (nanoGPT's configure_optimizers)."""
+    """AdamW with betas (0.9, 0.95); weight decay only on >= 2-D tensors (matmuls, embeddings),
+    never on biases, LayerNorm gains or the reward offset (nanoGPT's configure_optimizers)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused: one pass over each parameter instead of a dozen elementwise ones; on CPU (torch >= 2.4) it
-    # made the step 5x faster for bench.py's default model, whose 50k-row embedding dominates
+    # fused: one pass over each parameter instead of a dozen elementwise ones; on CPU (torch >= 2.4)
+    # it made the step 5x faster for bench.py's default model, whose 50k-row embedding dominates
     fused = torch.device(device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 class Batches:
-    """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch, so
-    the position (epoch, index into that epoch's order) is all a checkpoint needs to resume mid-epoch.
-    The ragged tail of an epoch is dropped: every micro-batch has batch_size rows. Under torchrun the
-    ranks deal out one stream of micro-batches (rank r takes every world-th, like DistributedSampler):
-    N processes see the micro-batches that one process would see, N at a time."""
+    """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch,
+    so the position (epoch, index into that epoch's order) is all a checkpoint needs to resume
+    mid-epoch. The ragged tail of an epoch is dropped: every micro-batch has batch_size rows. Under
+    torchrun the ranks deal out one stream of micro-batches (rank r takes every world-th, like
+    DistributedSampler): N processes see the micro-batches that one process would see, N at a
+    time."""
 
     def __init__(self, rows, batch_size: int, seed: int):
         if not rows:
             raise ValueError("no training rows")
-        batch_size = min(batch_size, len(rows))  # a set smaller than a batch (a small split) is one batch
+        batch_size = min(batch_size, len(rows))  # a set smaller than a batch is one batch
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.per_epoch = len(rows) // batch_size
         self.epoch, self.index, self._order = 0, 0, None
@@ -317,19 +335,22 @@ class Batches:
 
 def to_device(batch: dict, device) -> dict:
     """Move the tensors of a collated batch to `device`."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
-def eval_loss(model, loss_fn, rows, collate, batch_size: int, device, name: str = "eval") -> dict:
-    """Mean of loss_fn's loss and metrics over all rows, batch by batch, weighted by rows per batch.
-    Under torchrun each rank evaluates its shard of the rows and the sums are gathered."""
+def eval_loss(model, loss_fn, rows, collate, cfg: TrainConfig, name: str = "eval") -> dict:
+    """Mean of loss_fn's loss and metrics over all rows, in batches of cfg.batch_size, weighted by
+    rows per batch. Under torchrun each rank evaluates its shard of the rows and the sums are
+    gathered."""
+    batch_size, device = cfg.batch_size, pick_device(cfg.device)
     model.eval()
     sums = {}
     mine = shard(rows)
     for i in progress(range(0, len(mine), batch_size), name):
         chunk = mine[i:i + batch_size]
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             loss, metrics = loss_fn(model, to_device(collate(chunk), device))
         for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
@@ -338,11 +359,13 @@ def eval_loss(model, loss_fn, rows, collate, batch_size: int, device, name: str 
 
 
 def _rng_state() -> dict:
-    """Every RNG's state as tensors, ints and lists: what torch.load(weights_only=True) reads back."""
+    """Every RNG's state as tensors, ints and lists: what torch.load(weights_only=True) reads
+    back."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                      gauss], "python": [version, list(internal), gauss_next],
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -358,15 +381,16 @@ def _set_rng_state(state: dict):
 
 def load_checkpoint(path, mmap=False) -> dict:
     """torch.load(path) with weights_only=True: tensors, numbers, strings and containers only, so a
-    planted pickle never runs code. A file that needs pickle, a truncated or corrupt one, or one that
-    holds no dict, is a one-line ValueError naming it."""
+    planted pickle never runs code. A file that needs pickle, a truncated or corrupt one, or one
+    that holds no dict, is a one-line ValueError naming it."""
     path = regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code to load
+    except pickle.UnpicklingError as e:  # weights_only refused a global: loading would run code
         why = re.search(r"GLOBAL ([\w.]+)", str(e))
         why = f"it calls {why[1]}" if why else "it needs pickle"
-        raise ValueError(f"{path}: not a weights-only checkpoint ({why}); refused: loading it could run code") from None
+        raise ValueError(f"{path}: not a weights-only checkpoint ({why}); refused: loading it "
+                         "could run code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         why = " ".join(str(e).split(". This is an internal")[0].split())[:120]
         raise ValueError(f"{path}: cannot read checkpoint, truncated or corrupt ({why})") from None
@@ -376,17 +400,19 @@ def load_checkpoint(path, mmap=False) -> dict:
 
 
 def check_shapes(model, state: dict, path):
-    """A one-line error when the weights `state` read from `path` are another model's shape than `model`
-    (a rerun into an --out made with other --n_layer / --n_embd / --init flags)."""
+    """A one-line error when the weights `state` read from `path` are another model's shape than
+    `model` (a rerun into an --out made with other --n_layer / --n_embd / --init flags)."""
     ours = model.state_dict()
     if not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    diff = [f"{k} {'missing' if k in ours else 'unexpected'}" for k in sorted(set(ours) ^ set(state))]
+    diff = [f"{k} {'missing' if k in ours else 'unexpected'}"
+            for k in sorted(set(ours) ^ set(state))]
     diff += [f"{k} is {tuple(v.shape)} there, {tuple(ours[k].shape)} in this run"
              for k, v in state.items() if k in ours and v.shape != ours[k].shape]
     if diff:
-        raise ValueError(f"{path}: checkpoint of another model shape ({diff[0]}; {len(diff)} mismatched tensors); "
-                         "rerun with the flags it was made with, or use another --out")
+        raise ValueError(f"{path}: checkpoint of another model shape ({diff[0]}; {len(diff)} "
+                         "mismatched tensors); rerun with the flags it was made with, or use "
+                         "another --out")
 
 
 def load_weights(model, state: dict, path):
@@ -527,8 +553,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         _set_rng_state(ckpt["rng"][rank() % len(ckpt["rng"])])
 
     def run_eval():
-        metrics = eval_loss(fwd, loss_fn, eval_data, collate, cfg.batch_size, device,
-                            f"{stage} eval")
+        metrics = eval_loss(fwd, loss_fn, eval_data, collate, cfg, f"{stage} eval")
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         run.log(step, "eval", metrics, f"{stage} eval step {step}: {shown}")
 
@@ -555,7 +580,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
             if "lengths" in batch:  # token rows; counted on the CPU
                 tokens += int(batch["lengths"].sum())
             batch = to_device(batch, device)
-            with autocast(device):
+            with autocast(device, cfg.dtype):
                 loss, extra = loss_fn(ddp, batch)
             run.stop_if_not_finite(step, {"loss": loss.item()})
             (loss / accum).backward()  # mean over the effective batch (DDP averages over the ranks)

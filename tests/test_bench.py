@@ -4,7 +4,6 @@ import json
 import sys
 
 import bench
-from train import set_dtype
 
 NAMES = ["matmul_peak", "sft_step", "rm_step", "dpo_step", "generate_greedy", "generate_sample", "ppo_iteration"]
 
@@ -13,10 +12,7 @@ def test_bench_prints_one_consistent_json_line_per_benchmark(monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["bench.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab", "300",
                                       "--batch", "2", "--prompt-len", "6", "--response-len", "5", "--ppo-epochs", "2",
                                       "--warmup", "0", "--iters", "2", "--device", "cpu", "--dtype", "fp32", "bf16"])
-    try:
-        bench.main()
-    finally:
-        set_dtype("auto")  # bench sets it per run
+    bench.main()
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["name"], r["dtype"]) for r in out] == [(n, d) for d in ("fp32", "bf16") for n in NAMES]
     assert all(r["gflops"] > 0 for r in out if r["name"] == "matmul_peak")

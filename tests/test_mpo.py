@@ -7,7 +7,6 @@ import torch
 
 from mpo import DEMO, SplitConfig, parse_args, run_pipeline, split_by_reward_gap, split_pairs
 from data import get_tokenizer
-from train import set_dtype
 
 
 def test_split_by_reward_gap_uses_absolute_gap_and_puts_ties_at_delta_in_easy():
@@ -82,10 +81,7 @@ def test_tiny_pipeline_runs_writes_report_and_resumes(tmp_path, capsys):
 
 def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory_estimate(tmp_path, capsys):
     argv = TINY_RUN[:-2] + ["--methods", "mpo", "--dtype", "bf16", "--grad_checkpoint", "true", "--out", str(tmp_path)]
-    try:
-        text = run_pipeline(parse_args(argv)).read_text()
-    finally:
-        set_dtype("auto")
+    text = run_pipeline(parse_args(argv)).read_text()
     log = capsys.readouterr().out
     assert "memory estimate (cpu, bf16, activation checkpointing): sft " in log and " ppo " in log
     assert "plan (rough, cpu): sft 4 steps ~" in log and "| total ~" in log

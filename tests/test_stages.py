@@ -110,12 +110,12 @@ def test_reward_model_beats_chance_and_is_surer_on_large_gold_gaps(tmp_path):
     rm, metrics = train_reward_model(ScalarModel.from_gpt(sft_model), rows["pairs_train"], cfg, tmp_path,
                                      rows["pairs_eval"], reference_examples=rows["sft_eval"])
     assert metrics["eval/accuracy"] > 0.55  # 600 pairs: chance is 0.50 +- 0.02; label noise caps it near 0.79
-    chosen, rejected = score_pairs(rm, rows["pairs_eval"], 64, "cpu")
+    chosen, rejected = score_pairs(rm, rows["pairs_eval"], 64, "cpu", "auto")
     gold = [task.gold_reward(p.prompt, p.chosen) - task.gold_reward(p.prompt, p.rejected) for p in task.pairs_eval]
     table = accuracy_by_gap(chosen - rejected, by=gold)
     print("RM accuracy", metrics["eval/accuracy"], "by gold gap", table, "by RM gap", metrics["eval/accuracy_by_gap"])
     assert table[">=3"]["accuracy"] > table["[0,1)"]["accuracy"] + 0.1  # labels of small gaps are near coin flips
-    reference = torch.cat(batch_scores(rm, rows["sft_eval"], collate_sft, 64, "cpu"))
+    reference = torch.cat(batch_scores(rm, rows["sft_eval"], collate_sft, 64, "cpu", "auto"))
     by_prompt = {}
     for (prompt, _), score in zip(rows["sft_eval"], reference.tolist()):
         by_prompt.setdefault(tuple(prompt), []).append(score)

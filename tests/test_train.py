@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from train import TrainConfig, autocast, lr_at, memory_estimate, set_dtype, train
+from train import TrainConfig, autocast, lr_at, memory_estimate, train
 
 
 def rows(n=64, seed=0):
@@ -135,18 +135,13 @@ def test_memory_estimate_counts_the_weights_exactly_and_shrinks_with_checkpointi
 
 
 def test_dtype_flag_turns_cpu_autocast_on_and_off():
-    try:
-        set_dtype("bf16")
-        with autocast("cpu"):
-            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        set_dtype("fp32")
-        with autocast("cpu"):
-            assert not torch.is_autocast_enabled("cpu")
-        with pytest.raises(ValueError, match="--dtype fp16"):
-            set_dtype("fp16")
-    finally:
-        set_dtype("auto")
-    with autocast("cpu"):
+    with autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="--dtype fp16"):
+        autocast("cpu", "fp16")
+    with autocast("cpu", "auto"):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -171,7 +166,7 @@ def test_time_probe_leaves_the_model_as_it_was():
     from train import time_probe
     model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    times = time_probe(model, 2, 16, (3, 5), torch.device("cpu"))
+    times = time_probe(model, 2, 16, (3, 5), torch.device("cpu"), "auto")
     assert set(times) == {"train_step", "decode_step_3", "decode_step_5"} and all(t > 0 for t in times.values())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not model.training
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
