@@ -465,8 +465,8 @@ class DemoConfig:
     """Knobs of the synthetic demo task (this file's docstring describes it); seed: --data_seed."""
     sft_train: int = 3000
     sft_eval: int = 500             # held-out SFT rows: stage evaluation, RM normalisation
-    # many: a tiny RM learns the noisy preferences slowly (fresh pairs beat epochs)
-    pairs_train: int = 100000
+    pairs_train: int = 100000       # many: a tiny RM learns the noisy preferences slowly (fresh
+                                    # pairs beat epochs)
     pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
     prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels

@@ -1,7 +1,7 @@
 """The command line: a flag per dataclass field, --<group>.<field> (the run's own fields have no
 prefix), parsed and checked before anything is read or written.
 
-    parser = flag_parser(CONFIGS, usage, description, epilog)
+    parser = flag_parser(CONFIGS, usage=..., description=..., epilog=...)  # argparse's keywords
     cfgs = make_configs(CONFIGS, preset, given_flags(parser, argv))  # {group: config}, checked
 
 mpo.py holds the configs, the presets and `parse_args`; this file, how flags become configs and what
@@ -177,7 +177,9 @@ def make_configs(classes: dict, preset: dict, given: dict) -> dict:
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed,
               "max_new_tokens": run.max_response_len}
     cfgs = {"run": run}
-    for group, cls in list(classes.items())[1:]:
+    for group, cls in classes.items():
+        if group == "run":
+            continue
         inherited = {k: v for k, v in shared.items() if k in {f.name for f in fields(cls)}}
         cfgs[group] = cls(**{**inherited, **preset.get(group, {}), **given.get(group, {})})
     cfgs["split"] = with_split(cfgs["split"], given.get("split", {}))

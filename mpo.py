@@ -73,6 +73,11 @@ def sft(model, examples, cfg: SFTConfig, out_dir, eval_examples=None):
     return model, metrics
 
 
+def sft_stage(base, data, cfg: SFTConfig, folder: Path):
+    """SFT from a copy of the base model (the base may also start the RM)."""
+    return sft(trainable_copy(base), data.sft_train, cfg, folder, data.sft_eval)
+
+
 # 2. The reward model: Bradley-Terry on the preference pairs
 
 @dataclass
@@ -91,8 +96,8 @@ class RMConfig(TrainConfig):
     n_layer: int = 0           # the RM's own shape, from scratch; 0 = the policy's (and init above)
     n_head: int = 0
     n_embd: int = 0
-    normalize: bool = False    # then gain and bias: SFT responses score mean 0, std 1 (N+ detail
-                               # 11)
+    normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std
+                               # 1 (N+ detail 11)
 
 
 def score_batch(rm, batch):
@@ -143,7 +148,8 @@ def normalize_scores(rm, examples, cfg: RMConfig) -> dict:
     is measured among responses to the same prompt (pooled over the prompts that have several) when
     there are such prompts: Bradley-Terry leaves each prompt's score level free, and those levels
     would otherwise swell the std that a gap between two responses to one prompt is divided by."""
-    rm.offset.zero_(), rm.gain.fill_(1.0)  # measure the raw head output
+    rm.offset.zero_()  # measure the raw head output
+    rm.gain.fill_(1.0)
     device = pick_device(cfg.device)
     raw = torch.cat(batch_scores(rm, examples, collate_sft, cfg.batch_size, device, cfg.dtype))
     ids = {}
@@ -153,9 +159,32 @@ def normalize_scores(rm, examples, cfg: RMConfig) -> dict:
     within = raw - prompt_mean[group]
     dof = int((counts - 1).sum())
     std = (within.square().sum() / dof).sqrt() if dof > 0 else raw.std()
-    rm.offset.fill_(raw.mean()), rm.gain.fill_(1 / std.clamp_min(1e-6))
+    rm.offset.fill_(raw.mean())
+    rm.gain.fill_(1 / std.clamp_min(1e-6))
     return {"offset": float(rm.offset), "gain": float(rm.gain),
             "gain_from": "within prompts" if dof > 0 else "all responses"}
+
+
+def rm_shape(cfg: RMConfig, base) -> GPTConfig:
+    """The RM's shape: the policy's, with --rm.n_layer / n_head / n_embd where they are given."""
+    shape = replace(base.config, **{k: getattr(cfg, k) or getattr(base.config, k)
+                                    for k in ("n_layer", "n_head", "n_embd")})
+    if shape.n_embd % shape.n_head:
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {shape.n_head} "
+                         f"heads, got {shape.n_embd}")
+    return shape
+
+
+def rm_stage(base, sft_model, data, cfg: RMConfig, folder: Path):
+    """The RM: of the policy's shape from the base LM (author) or the SFT model (--rm.init), else of
+    its own shape from scratch; normalised on the held-out SFT rows with --rm.normalize."""
+    shape = rm_shape(cfg, base)
+    if shape == base.config:
+        start = ScalarModel.from_gpt(base if cfg.init == "base" else sft_model)
+    else:
+        start = ScalarModel(shape)
+    return train_reward_model(start, data.pairs_train, cfg, folder, data.pairs_eval,
+                              data.sft_eval if cfg.normalize else None)
 
 
 GAP_BUCKETS = ((0, 1, "[0,1)"), (1, 2, "[1,2)"), (2, 3, "[2,3)"), (3, math.inf, ">=3"))
@@ -222,11 +251,13 @@ def score_pairs(rm, pairs, batch_size, device, dtype):
 # 3. Resample and score: two SFT samples per prompt, the RM's gap between them
 
 @torch.no_grad()
-def sample_responses(model, prompts, eos_id, run, batch_size, device, temperature=1.0, top_k=None,
+def sample_responses(model, prompts, eos_id, run, batch_size, temperature=1.0, top_k=None,
                      top_p=None, name="sampling") -> list:
     """One sampled response (token ids, EOS included when reached) per encoded prompt, up to
-    --max_response_len tokens, from the run's seed and under its --dtype. Under torchrun each rank
-    samples for a shard of the prompts (its own seed) and every rank gets all responses."""
+    --max_response_len tokens, from the run's seed, on its device and under its --dtype. Under
+    torchrun each rank samples for a shard of the prompts (its own seed) and every rank gets all
+    responses."""
+    device = pick_device(run.device)
     model.to(device).eval()
     g = torch.Generator(device).manual_seed(run.seed + rank() * 100003)
     out, mine = [], shard(prompts)
@@ -246,12 +277,13 @@ def distinct_prompts(rows) -> list:
     return [list(p) for p in dict.fromkeys(tuple(row[0]) for row in rows)]
 
 
-def make_pairs(sft_model, rm, pairs, split, run, eos_id, device):
+def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) -
     r(rejected). "resample" (author's code): two SFT samples per training row (per distinct prompt
     unless split.pairs_per_row) at temperature 1, top-k 50, top-p 0.9, the higher-scored one chosen,
     so every gap is >= 0. "human": the dataset's own pairs; a negative gap means the RM disagrees
     with the label, and |gap| decides the side all the same."""
+    device = pick_device(run.device)
     if split.source == "human":
         chosen, rejected = score_pairs(rm, pairs, split.batch_size, device, run.dtype)
         return pairs, chosen - rejected
@@ -259,8 +291,8 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id, device):
         raise ValueError(f"--split.source must be 'resample' or 'human', got {split.source!r}")
     prompts = [row[0] for row in pairs] if split.pairs_per_row else distinct_prompts(pairs)
     twice = [list(p) for p in prompts for _ in range(2)]
-    responses = sample_responses(sft_model, twice, eos_id, run, split.batch_size, device, 1.0, 50,
-                                 0.9, "resample: SFT samples")
+    responses = sample_responses(sft_model, twice, eos_id, run, split.batch_size, 1.0, 50, 0.9,
+                                 "resample: SFT samples")
     scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, split.batch_size,
                                     device, run.dtype, "resample: RM scores"))
     rows, gaps = [], []
@@ -441,19 +473,19 @@ def logps_of(model, rows, batch_size, device, dtype):
                                    dtype, "log-probs"))
 
 
-def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig, device) -> tuple:
+def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     """cfg.samples responses per held-out prompt (data.prompts_eval) from every model (same seed).
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
     the model's own samples: the k1 estimator); mean length in tokens; the gold reward when the task
     has one. With data.subsets (one name per prompt), the RM score, gold and win rate also per
     subset under "subsets". Returns (results, samples) keyed by model name."""
-    tok = data.tok
+    tok, device = data.tok, pick_device(run.device)
     prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
     results, samples, scores = {}, {}, {}
     for name, model in models.items():
-        responses = sample_responses(model, prompts, tok.eot_token, run, cfg.batch_size, device,
+        responses = sample_responses(model, prompts, tok.eot_token, run, cfg.batch_size,
                                      cfg.temperature, name=f"evaluate {name}: sampling")
         rows = list(zip(prompts, responses))
         scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device,
@@ -597,33 +629,6 @@ def base_model(run: RunConfig, vocab_size: int) -> GPT:
     return base
 
 
-def rm_shape(cfg: RMConfig, base) -> GPTConfig:
-    """The RM's shape: the policy's, with --rm.n_layer / n_head / n_embd where they are given."""
-    shape = replace(base.config, **{k: getattr(cfg, k) or getattr(base.config, k)
-                                    for k in ("n_layer", "n_head", "n_embd")})
-    if shape.n_embd % shape.n_head:
-        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {shape.n_head} "
-                         f"heads, got {shape.n_embd}")
-    return shape
-
-
-def sft_stage(base, data, cfg: SFTConfig, folder: Path):
-    """SFT from a copy of the base model (the base may also start the RM)."""
-    return sft(trainable_copy(base), data.sft_train, cfg, folder, data.sft_eval)
-
-
-def rm_stage(base, sft_model, data, cfg: RMConfig, folder: Path):
-    """The RM: of the policy's shape from the base LM (author) or the SFT model (--rm.init), else of
-    its own shape from scratch; normalised on the held-out SFT rows with --rm.normalize."""
-    shape = rm_shape(cfg, base)
-    if shape == base.config:
-        start = ScalarModel.from_gpt(base if cfg.init == "base" else sft_model)
-    else:
-        start = ScalarModel(shape)
-    return train_reward_model(start, data.pairs_train, cfg, folder, data.pairs_eval,
-                              data.sft_eval if cfg.normalize else None)
-
-
 def run_pipeline(cfgs: dict) -> Path:
     """The whole run under --out: stages, baselines, ablation variants, evaluation, report.md and
     results.json (a study of one seed)."""
@@ -656,8 +661,7 @@ def run_pipeline(cfgs: dict) -> Path:
         cache = pairs_cache(out, s)
         if cache.exists():
             return load_pairs(cache)
-        rows, gaps = make_pairs(sft_model, rm, data.pairs_train, sized(s), run, data.tok.eot_token,
-                                device)
+        rows, gaps = make_pairs(sft_model, rm, data.pairs_train, sized(s), run, data.tok.eot_token)
         save_pairs(cache, rows, gaps, records(cfgs, s)["pairs"])
         return rows, gaps
 
@@ -672,10 +676,10 @@ def run_pipeline(cfgs: dict) -> Path:
     # sample. Under --budget matched every method gets dpo_all's optimizer steps (matched_budget).
     steps = optimizer_steps(cfgs["dpo"], len(rows))
 
-    def budget(easy, hard):
+    def budget(dpo_data, ppo_data):  # the configs of a method with DPO and PPO on these data
         if run.budget != "matched":
             return cfgs
-        return matched_budget(cfgs, steps, bool(easy), bool(hard))
+        return matched_budget(cfgs, steps, bool(dpo_data), bool(ppo_data))
 
     models, methods = {"sft": sft_model}, run.methods.split(",")
     baselines = {"dpo_all": partial(dpo_stage, sft_model, rows, budget(rows, [])["dpo"]),
@@ -692,11 +696,12 @@ def run_pipeline(cfgs: dict) -> Path:
     if "mpo_dpo" in methods and easy:  # MPO's first stage alone (the same stage as mpo_stages')
         mpo_dpo = partial(dpo_stage, sft_model, easy, budget(easy, hard)["dpo"])
         models["mpo_dpo"] = stages.run("mpo_dpo", new, mpo_dpo)[0]
+    elif "mpo" not in methods:  # with mpo, mpo_stages runs or skips it
+        stages.stop_if_last("mpo_dpo", skipped=True)
     if "mpo" in methods:
         models["mpo"] = mpo_stages(stages, budget(easy, hard), data, sft_model, rm, easy, hard)
-    for name in ("mpo_dpo", "mpo"):
-        if not {name, "mpo"} & set(methods):
-            stages.stop_if_last(name, skipped=True)
+    else:
+        stages.stop_if_last("mpo", skipped=True)
     folders = {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
                "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
     variants = {}
@@ -709,7 +714,7 @@ def run_pipeline(cfgs: dict) -> Path:
         models[name] = mpo_stages(v_stages, {**budget(v_easy, v_hard), "split": v}, data, sft_model,
                                   rm, v_easy, v_hard)
 
-    results, samples = compare_to_sft(models, rm, data, run, cfgs["eval"], device)
+    results, samples = compare_to_sft(models, rm, data, run, cfgs["eval"])
     made = {str(path.relative_to(out)).removesuffix(".pt"): settings
             for path, settings in planned.items()
             if (path / "final.pt").exists() or path.is_file()}  # the stages this run ran or loaded
@@ -781,7 +786,8 @@ def main(argv=None):
         where = f"in stage {e}" if isinstance(e, Interrupted) else "outside the training stages"
         print(f"\nmpo: interrupted {where}; rerun with the same --out to resume", file=sys.stderr)
         sys.exit(130)
-    except torch.OutOfMemoryError:  # outside a stage (Stages.run explains its own); a RuntimeError
+    except torch.OutOfMemoryError:  # outside a stage (Stages.run explains its own); before
+        # RuntimeError, which it is
         sys.exit(f"mpo: error: {out_of_memory('sampling')}")
     # Bad data or flag values, a missing download, a checkpoint of another shape, a NaN: one line.
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:

@@ -388,13 +388,13 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
     opt_pi, opt_v = optimizers(models, cfg, device)
     per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
     total = cfg.max_iterations or cfg.passes * per_pass
-    run = StageRun(out_dir, stage, total, unit="iteration")
-    it, ckpt = run.resume(policy=policy)
-    if run.finished:
-        return policy, run.result
+    stage_run = StageRun(out_dir, stage, total, unit="iteration", rewrite=False)
+    it, ckpt = stage_run.resume(policy=policy)
+    if stage_run.finished:
+        return policy, stage_run.result
     kl_coef = cfg.kl_coef
     if ckpt:
-        load_weights(critic, ckpt["critic"], run.ckpt_path)
+        load_weights(critic, ckpt["critic"], stage_run.ckpt_path)
         opt_pi.load_state_dict(ckpt["opt_pi"])
         opt_v.load_state_dict(ckpt["opt_v"])
         kl_coef = ckpt["kl_coef"]
@@ -402,11 +402,11 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
     def run_eval():
         m = eval_policy(models, eval_prompts, tok, cfg, gold_reward, f"{stage} eval")
         shown = " ".join(f"{k} {v:.3f}" for k, v in m.items())
-        run.log(it, "eval", m, f"{stage} eval iteration {it}: {shown}")
+        stage_run.log(it, "eval", m, f"{stage} eval iteration {it}: {shown}")
 
     if it == 0 and eval_prompts:
         run_eval()
-    run.start_clock(it)
+    stage_run.start_clock(it)
     while it < total:
         # Pick prompts: this iteration's share of the pass (each pass in a new order), with
         # samples_per_prompt responses each. Under torchrun each rank samples its share (a rank
@@ -458,31 +458,29 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         if gold_reward:
             stats["gold"] = sum(gold_reward(p, r) for p, r in pairs) / len(pairs)
         stats = mean_over_ranks(stats)
-        run.stop_if_not_finite(it, stats)
+        stage_run.stop_if_not_finite(it, stats)
         if cfg.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], len(batch), cfg)
         it += 1
-        # The stage's compute, all ranks (the study compares budgets): policy optimizer steps, real
-        # tokens through the policy's forward + backward (every PPO epoch) and responses sampled.
+        # The stage's compute, all ranks: policy optimizer steps, real tokens through the policy's
+        # forward + backward (every PPO epoch) and responses sampled.
         spent = sum_over_ranks({"tokens": float(ro.attn.sum()) * cfg.ppo_epochs,
                                 "samples": len(prompt_ids)})
-        steps = cfg.ppo_epochs * cfg.num_minibatches
-        run.result["compute/steps"] = run.result.get("compute/steps", 0) + steps
-        run.result["compute/tokens"] = run.result.get("compute/tokens", 0) + int(spent["tokens"])
-        run.result["compute/samples"] = run.result.get("compute/samples", 0) + int(spent["samples"])
+        stage_run.count(steps=cfg.ppo_epochs * cfg.num_minibatches, tokens=int(spent["tokens"]),
+                        samples=int(spent["samples"]))
         if it % cfg.log_every == 0 or it == total:
             samples = [{"prompt": p, "response": r, "score": float(s)}
                        for (p, r), s in zip(pairs[:cfg.num_samples], ro.scores)]
             gold = f" | gold {stats['gold']:.3f}" if gold_reward else ""
-            run.log(it, "train", stats,
-                    f"{run.progress(it)} | score {stats['score']:.3f}{gold} | kl {stats['kl']:.3f}"
-                    f" | len {stats['response_len']:.1f} | eos {stats['eos_frac']:.2f}"
-                    f" | clipfrac {stats['clipfrac']:.3f} | rollout {stats['rollout_s']:.2f}s"
-                    f" update {stats['update_s']:.2f}s", samples)
+            line = (f"{stage_run.status(it)} | score {stats['score']:.3f}{gold}"
+                    f" | kl {stats['kl']:.3f} | len {stats['response_len']:.1f}"
+                    f" | eos {stats['eos_frac']:.2f} | clipfrac {stats['clipfrac']:.3f}"
+                    f" | rollout {stats['rollout_s']:.2f}s update {stats['update_s']:.2f}s")
+            stage_run.log(it, "train", stats, line, samples)
         if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
             run_eval()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < total:
-            run.save(it, {"policy": policy.state_dict(), "critic": critic.state_dict(),
-                          "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
-                          "kl_coef": kl_coef})
-    return policy, run.finish(it, {"policy": policy.state_dict()})
+            stage_run.save(it, {"policy": policy.state_dict(), "critic": critic.state_dict(),
+                                "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
+                                "kl_coef": kl_coef})
+    return policy, stage_run.finish(it, {"policy": policy.state_dict()})

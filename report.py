@@ -1,10 +1,11 @@
-"""report.md and its plots for a finished MPO run (mpo.run_pipeline calls write_report last): the results
-table of every model, the reward-gap split and the reward model's accuracy per gap, the ablations,
-learning curves from every stage's metrics.jsonl, reward against KL to the SFT model, samples, and the
-configuration. Below them, the study over seeds (runs.run_seeds, --seeds N): results.json with every metric's
-mean, 95 % Student-t interval and per-seed values, the paper's claims as paired per-seed differences with a
-verdict, and the aggregated report.md with the over-optimisation curves; and the sweep's reward-KL frontier
-(runs.run_sweep). Every file is written atomically (train.atomic_save).
+"""report.md and its plots for a finished MPO run (mpo.run_pipeline calls write_report last): the
+results table of every model, the reward-gap split and the reward model's accuracy per gap, the
+ablations, learning curves from every stage's metrics.jsonl, reward against KL to the SFT model,
+samples, and the configuration. Below them, the study over seeds (runs.run_seeds, --seeds N):
+results.json with every metric's mean, 95 % Student-t interval and per-seed values, the paper's
+claims as paired per-seed differences with a verdict, and the aggregated report.md with the
+over-optimisation curves; and the sweep's reward-KL frontier (runs.run_sweep). Every file is written
+atomically (train.atomic_save).
 """
 import io
 import json
@@ -29,7 +30,8 @@ def save_figure(fig, path):
 
 
 def plot_gaps(path, gaps, delta, rm_by_gap):
-    """Left: |gap| histogram with the threshold. Right: the RM's held-out accuracy per |gap| bucket."""
+    """Left: |gap| histogram with the threshold. Right: the RM's held-out accuracy per |gap|
+    bucket."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.hist(gaps.abs().numpy(), bins=40, color="tab:blue")
     a.axvline(delta, color="tab:red", ls="--", label=f"delta = {delta:.3g}")
@@ -60,7 +62,8 @@ def plot_curves(path, out: Path):
             except json.JSONDecodeError:
                 continue
         records = [r for r in records if isinstance(r, dict) and {"stage", "step", "split"} <= r.keys()]
-        # the stage's key metric: DPO's margins, the RM's accuracy, PPO's gold (else its RM score), SFT's loss
+        # the stage's key metric: DPO's margins, the RM's accuracy, PPO's gold (else its RM score),
+        # SFT's loss
         k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss") if any(k in r for r in records)),
                  "loss")
         for split in ("train", "eval"):
@@ -92,8 +95,8 @@ def table(rows: dict, cols) -> list:
 
 
 def subset_table(results) -> list:
-    """Report lines with RM score and win rate per subset of the held-out prompts (HH-RLHF: helpful-base,
-    harmless-base, as the paper reports them); none for a task without subsets."""
+    """Report lines with RM score and win rate per subset of the held-out prompts (HH-RLHF:
+    helpful-base, harmless-base, as the paper reports them); none for a task without subsets."""
     if "subsets" not in results["sft"]:
         return []
     names = list(results["sft"]["subsets"])
@@ -106,8 +109,9 @@ def subset_table(results) -> list:
 
 def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made,
                  gold_best=None) -> Path:
-    """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded; `gold_best`:
-    the mean best gold reward achievable on the held-out prompts, where the task knows it."""
+    """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded;
+    `gold_best`: the mean best gold reward achievable on the held-out prompts, where the task knows
+    it."""
     key = "gold" if "gold" in results["sft"] else "rm_score"
     checks = rm_metrics.get("gold")  # mpo.gold_checks, when the task has a gold reward
     by_gap = checks["by_gap"] if checks else rm_metrics.get("eval/accuracy_by_gap", {})
@@ -160,12 +164,12 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
               "![learning curves](curves.png)", "", "## Samples", ""]
     for name, pairs in samples.items():
         lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
-    # Every stage was made with the settings it recorded (a rerun with others is refused), so together they
-    # describe what was run, also when each stage came from another command line (train.sh).
-    # The ablation variants' stages differ in their split flags: theirs stand apart.
+    # Every stage was made with the settings it recorded (a rerun with others is refused), so
+    # together they describe what was run, also when each stage came from another command line
+    # (train.sh). The ablation variants' stages differ in their split flags: theirs stand apart.
     settings = {k: v for name, stage in made.items() if not name.startswith("variants") for k, v in stage.items()}
     variant_settings = {name: stage for name, stage in made.items() if name.startswith("variants")}
-    lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (mpo.py's "
+    lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (runs.py's "
               "NOT_RECORDED ones do not change results), then the evaluation's:", "", "```json",
               json.dumps({"stages": settings, **({"variants": variant_settings} if variant_settings else {}),
                           "eval": asdict(cfgs["eval"])}, indent=1), "```"]
@@ -174,8 +178,9 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The study (--seeds N): every metric over seeds with a 95 % Student-t interval, and the paper's claims as
-# paired per-seed differences with a verdict. One run folder's results.json is the study of its one seed.
+# The study (--seeds N): every metric over seeds with a 95 % Student-t interval, and the paper's
+# claims as paired per-seed differences with a verdict. One run folder's results.json is the study
+# of its one seed.
 
 # t_{0.975} for 1..30 degrees of freedom (two-sided 95 %); beyond 30, the normal's 1.96.
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -192,8 +197,8 @@ def t975(df: int) -> float:
 
 
 def summary(values) -> dict:
-    """{"mean", "ci95": [lo, hi], "per_seed"} of per-seed values: mean +- t_{0.975, n-1} * s / sqrt(n), s the
-    sample standard deviation; one value gives no interval (ci95 None)."""
+    """{"mean", "ci95": [lo, hi], "per_seed"} of per-seed values: mean +- t_{0.975, n-1} * s /
+    sqrt(n), s the sample standard deviation; one value gives no interval (ci95 None)."""
     values = [float(v) for v in values]
     n = len(values)
     mean = sum(values) / n
@@ -204,23 +209,25 @@ def summary(values) -> dict:
 
 
 def verdict(diff: dict) -> str:
-    """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0, else (it contains 0, or
-    there is one seed and so no interval) "inconclusive"."""
+    """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0, else (it
+    contains 0, or there is one seed and so no interval) "inconclusive"."""
     ci = diff and diff["ci95"]
     return "inconclusive" if not ci else "holds" if ci[0] > 0 else "fails" if ci[1] < 0 else "inconclusive"
 
 
 def paired(a, b) -> dict:
-    """summary() of the per-seed differences a_s - b_s (a seed's models share its data, SFT model and RM)."""
+    """summary() of the per-seed differences a_s - b_s (a seed's models share its data, SFT model
+    and RM)."""
     return summary([x - y for x, y in zip(a, b, strict=True)])
 
 
 def study(records: list) -> dict:
-    """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute": {...}}},
-    "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}}. Claims compare gold where the task has
-    it, else the RM score. Claim (a), the RM's accuracy rising with its gap: per seed, the held-out pairs
-    split into quartiles of |gap| (a scale-free version of the paper's [0,1) ... >=3 buckets, which a small
-    RM leaves nearly empty), accuracy of the top quartile minus the bottom one, paired over seeds."""
+    """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
+    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}}. Claims compare gold
+    where the task has it, else the RM score. Claim (a), the RM's accuracy rising with its gap: per
+    seed, the held-out pairs split into quartiles of |gap| (a scale-free version of the paper's
+    [0,1) ... >=3 buckets, which a small RM leaves nearly empty), accuracy of the top quartile minus
+    the bottom one, paired over seeds."""
     names = records[0]["methods"]
     key = "gold" if "gold" in names["sft"] else "rm_score"
     of = lambda name, k: [r["methods"][name][k] for r in records]  # noqa: E731
@@ -266,10 +273,10 @@ def interval(s: dict) -> str:
 
 
 def plot_overoptimisation(path, folders) -> bool:
-    """Along every PPO stage, its held-out evaluations (ppo.eval_policy, every eval_every iterations): gold (top
-    row; where the task has one) and RM score (bottom) against KL to the stage's reference, one line per seed
-    (Gao et al. 2022: the gold reward rises, then falls while the proxy keeps rising). False when no stage
-    logged an evaluation."""
+    """Along every PPO stage, its held-out evaluations (ppo.eval_policy, every eval_every
+    iterations): gold (top row; where the task has one) and RM score (bottom) against KL to the
+    stage's reference, one line per seed (Gao et al. 2022: the gold reward rises, then falls while
+    the proxy keeps rising). False when no stage logged an evaluation."""
     stages = sorted({str(p.parent.relative_to(f)) for f in folders for p in f.rglob("metrics.jsonl")
                      if p.parent.name in ("ppo_all", "mpo")})
     curves = {}  # (stage, seed folder) -> eval lines
@@ -297,8 +304,9 @@ def plot_overoptimisation(path, folders) -> bool:
 
 
 def write_study(out: Path, cfgs, results: dict, folders) -> Path:
-    """out/results.json and out/report.md of a study over seeds: the claims first, then every model's
-    metrics (mean and 95 % interval over seeds) and compute; each seed's own report is linked."""
+    """out/results.json and out/report.md of a study over seeds: the claims first, then every
+    model's metrics (mean and 95 % interval over seeds) and compute; each seed's own report is
+    linked."""
     atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
     n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
@@ -350,8 +358,9 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
 
 
 def plot_sweep(path, studies: dict, key: str):
-    """The reward-KL frontier (Rafailov et al. 2023, Figure 2): per model, `key` against KL to SFT at every
-    regularisation multiple of the sweep, every seed a faint point, the mean over seeds a line."""
+    """The reward-KL frontier (Rafailov et al. 2023, Figure 2): per model, `key` against KL to SFT
+    at every regularisation multiple of the sweep, every seed a faint point, the mean over seeds a
+    line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, name in enumerate(next(iter(studies.values()))["methods"]):
         color = f"C{i}"
@@ -371,8 +380,8 @@ def plot_sweep(path, studies: dict, key: str):
 
 
 def write_sweep(out: Path, cfgs, studies: dict) -> Path:
-    """out/sweep.json (every multiple's results.json) and out/report.md: the frontier plot, each model's metric
-    and KL at every multiple, and the claims' verdicts at every multiple."""
+    """out/sweep.json (every multiple's results.json) and out/report.md: the frontier plot, each
+    model's metric and KL at every multiple, and the claims' verdicts at every multiple."""
     first = next(iter(studies.values()))
     key = "gold" if "gold" in first["methods"]["sft"] else "rm_score"
     atomic_save(json.dumps({f"{x:g}": r for x, r in studies.items()}, indent=1).encode(), out / "sweep.json")

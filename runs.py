@@ -1,11 +1,11 @@
 """Run folders: the plumbing under mpo.py's pipeline, so that mpo.py can read as the method.
 
 A run folder (--out) holds one run: a folder per stage with its final weights, metrics and the
-settings it was made with. `stage` runs a stage once and loads it on a rerun (resume); the records
-(`records`, `plan`) let a rerun with other flags refuse, or with --redo remake, only the stages
-those flags change; `open_run_folder` locks the folder and checks all of that before anything under
-it changes. Then the study's many run folders: one per seed (`run_seeds`) and per regularisation
-strength (`run_sweep`).
+settings it was made with. `Stages.run` runs a stage once and loads it on a rerun (resume); the
+records (`records`, `plan`) let a rerun with other flags refuse, or with --redo remake, only the
+stages those flags change; `open_run_folder` locks the folder and checks all of that before anything
+under it changes. Then the study's many run folders: one per seed (`run_seeds`) and per
+regularisation strength (`run_sweep`).
 """
 import contextlib
 import datetime
@@ -384,13 +384,19 @@ def print_memory_estimate(config, cfgs, device):
     the reference and the RM, with the LM head on the response positions only."""
     R = cfgs["run"].max_response_len
     seq = cfgs["run"].max_prompt_len + R
-    bf16 = autocast_dtype(device, cfgs["run"].dtype) == torch.bfloat16
-    estimate = partial(memory_estimate, config, seq_len=seq, bf16=bf16)
-    sizes = {"sft": estimate(cfgs["sft"].batch_size, head_positions=seq - 1),
-             "rm": estimate(2 * cfgs["rm"].batch_size, head_positions=0),
-             "dpo": estimate(2 * cfgs["dpo"].batch_size, head_positions=seq - 1, frozen=2),
-             "ppo": estimate(cfgs["ppo"].micro_batch_size, head_positions=R, trained=2, frozen=2)}
-    print(f"memory estimate ({device.type}, {'bf16' if bf16 else 'fp32'}"
+    bf16 = {g: autocast_dtype(device, cfgs[g].dtype) == torch.bfloat16
+            for g in ("sft", "rm", "dpo", "ppo")}
+
+    def estimate(group, rows, **kw):
+        return memory_estimate(config, rows, seq, bf16=bf16[group], **kw)
+
+    sizes = {"sft": estimate("sft", cfgs["sft"].batch_size, head_positions=seq - 1),
+             "rm": estimate("rm", 2 * cfgs["rm"].batch_size, head_positions=0),
+             "dpo": estimate("dpo", 2 * cfgs["dpo"].batch_size, head_positions=seq - 1, frozen=2),
+             "ppo": estimate("ppo", cfgs["ppo"].micro_batch_size, head_positions=R, trained=2,
+                             frozen=2)}
+    dtypes = sorted({"bf16" if b else "fp32" for b in bf16.values()})
+    print(f"memory estimate ({device.type}, {' / '.join(dtypes)}"
           f"{', activation checkpointing' if config.grad_checkpoint else ''}): "
           + ", ".join(f"{name} {size['total'] / 2**30:.2f} GiB" for name, size in sizes.items())
           + " per process (weights, AdamW state, one micro-batch's activations and logits; lower a "
@@ -462,8 +468,9 @@ def compute(out: Path, folders) -> dict:
     for folder in folders:
         if (out / folder / "result.json").exists():
             r = json.loads((out / folder / "result.json").read_text())
-            for name in total:
-                total[name] += r.get(f"compute/{name.removeprefix('policy_')}", 0)
+            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"),
+                            ("samples", "samples")):
+                total[name] += r.get(f"compute/{k}", 0)
     return total
 
 

@@ -1,4 +1,6 @@
-"""The one training loop of mpo: the SFT, reward-model and DPO stages all run through `train()`.
+"""The one training loop of mpo: the SFT, reward-model and DPO stages all run through `train()`;
+its bookkeeping (resume, checkpoints, log lines, progress, the NaN stop) is `StageRun`, which PPO's
+own loop (ppo.py) shares.
 
 nanoGPT's train.py turned into a function. A stage hands it a model, a `loss_fn(model, batch) ->
 (loss, metrics)`, lists of encoded rows and a `collate(rows) -> batch dict`; `train` does the rest:
@@ -441,17 +443,20 @@ class StageRun:
     """What the loops of train() and ppo.ppo() share: resume from out_dir/<stage>_ckpt.pt, the
     checkpoints, the lines of metrics.jsonl and samples.jsonl, the progress line with its rate and
     ETA, and the stop on a value gone nan or inf. A loop counts `total` steps (PPO calls them
-    iterations: `unit`). `result` holds the last logged metrics, {"train/<name>": x, "eval/<name>":
-    y}, plus what the loop adds (compute/*); every checkpoint keeps it."""
+    iterations: `unit`, also the checkpoint's key for it). `result` holds the last logged metrics,
+    {"train/<name>": x, "eval/<name>": y}, plus what the loop adds (compute/*); every checkpoint
+    keeps it. On a terminal the train line is rewritten in place unless `rewrite` is off (PPO prints
+    a line per iteration). This is the resume point inside a stage; runs.Stages, above it, skips a
+    stage whose final.pt exists."""
 
-    def __init__(self, out_dir, stage: str, total: int, unit: str = "step"):
+    def __init__(self, out_dir, stage: str, total: int, unit: str = "step", rewrite: bool = True):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stage, self.total, self.unit = stage, total, unit
         self.ckpt_path = self.out_dir / f"{stage}_ckpt.pt"
         self.result = {}
         self.finished = False  # resume() found the stage done: only its weights were loaded
-        self.tty = sys.stdout.isatty()
+        self.tty = sys.stdout.isatty() and rewrite
         self.line_open = False  # a progress line on the terminal waits for its newline
         self.clock = (0, time.time())
 
@@ -465,7 +470,7 @@ class StageRun:
             ckpt = load_checkpoint(self.ckpt_path)
             for key, model in weights.items():
                 load_weights(model, ckpt[key], self.ckpt_path)
-            step, self.result = ckpt["step"], ckpt["metrics"]
+            step, self.result = ckpt[self.unit], ckpt["metrics"]
             if ckpt["done"]:
                 print(f"{self.stage}: finished checkpoint {self.ckpt_path} found, weights loaded, "
                       "stage skipped")
@@ -481,7 +486,7 @@ class StageRun:
         """The progress line's rate counts the steps from here on (not the first evaluation)."""
         self.clock = (step, time.time())
 
-    def progress(self, step: int) -> str:
+    def status(self, step: int) -> str:
         """"sft 30/100 | 3.21 it/s | ETA 0:00:21": the start of a train log line."""
         start_step, start_time = self.clock
         speed = rate_eta(step - start_step, self.total - start_step, time.time() - start_time)
@@ -506,23 +511,36 @@ class StageRun:
 
     def stop_if_not_finite(self, step: int, values: dict):
         """A one-line FloatingPointError when any of `values` ({name: float}) is nan or inf in step
-        + 1; the last checkpoint, from before, stays as it is."""
-        bad = [f"{k} is {v}" for k, v in values.items() if not math.isfinite(v)]
+        + 1 ("loss is nan"; of several, their names: "kl, score not finite"); the last checkpoint,
+        from before, stays as it is."""
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
+            if len(values) == 1:
+                what = f"{bad[0]} is {values[bad[0]]}"
+            else:
+                what = f"{', '.join(bad)} not finite"
             kept = self.ckpt_path if self.ckpt_path.exists() else "none yet"
-            raise FloatingPointError(f"{self.stage}: {', '.join(bad)} at {self.unit} {step + 1}; "
-                                     f"stopped, last good checkpoint kept: {kept}")
+            raise FloatingPointError(f"{self.stage}: {what} at {self.unit} {step + 1}; stopped, "
+                                     f"last good checkpoint kept: {kept}")
+
+    def count(self, **spent):
+        """Add to the stage's compute in the result (compute/steps, /tokens, /samples: the study
+        compares methods' budgets); a resumed stage counts on from its checkpoint's."""
+        for k, v in spent.items():
+            self.result[f"compute/{k}"] = self.result.get(f"compute/{k}", 0) + v
 
     def save(self, step: int, state: dict):
         """A checkpoint to resume from at `step`: `state` (weights, optimizers, data position)."""
-        atomic_save(state | {"step": step, "metrics": self.result, "done": False}, self.ckpt_path)
+        state = state | {self.unit: step, "metrics": self.result, "done": False}
+        atomic_save(state, self.ckpt_path)
 
     def finish(self, step: int, weights: dict) -> dict:
         """The finished checkpoint, which keeps only the `weights` (an optimizer would triple the
         file); returns the result."""
         if self.line_open:
             print()
-        atomic_save(weights | {"step": step, "metrics": self.result, "done": True}, self.ckpt_path)
+        atomic_save(weights | {self.unit: step, "metrics": self.result, "done": True},
+                    self.ckpt_path)
         return self.result
 
 
@@ -543,10 +561,10 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     total = optimizer_steps(cfg, len(train_data))
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.seed + rank() * 100003)  # each rank its own random stream (dropout)
-    run = StageRun(out_dir, stage, total)
-    step, ckpt = run.resume(model=model)
-    if run.finished:
-        return run.result
+    stage_run = StageRun(out_dir, stage, total)
+    step, ckpt = stage_run.resume(model=model)
+    if stage_run.finished:
+        return stage_run.result
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         batches.epoch, batches.index = ckpt["data"]
@@ -555,7 +573,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     def run_eval():
         metrics = eval_loss(fwd, loss_fn, eval_data, collate, cfg, f"{stage} eval")
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        run.log(step, "eval", metrics, f"{stage} eval step {step}: {shown}")
+        stage_run.log(step, "eval", metrics, f"{stage} eval step {step}: {shown}")
 
     fwd = torch.compile(model) if cfg.compile else model
     # DDP all-reduces (averages) the gradients during backward, overlapped with it; eval uses fwd.
@@ -566,7 +584,7 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
     model.train()
     if step == 0 and eval_data and cfg.eval_every:
         run_eval()
-    run.start_clock(step)
+    stage_run.start_clock(step)
     while step < total:
         lr = lr_at(step, cfg, total)
         for group in optimizer.param_groups:
@@ -582,30 +600,29 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
             batch = to_device(batch, device)
             with autocast(device, cfg.dtype):
                 loss, extra = loss_fn(ddp, batch)
-            run.stop_if_not_finite(step, {"loss": loss.item()})
+            stage_run.stop_if_not_finite(step, {"loss": loss.item()})
             (loss / accum).backward()  # mean over the effective batch (DDP averages over the ranks)
             for k, v in {"loss": loss.detach(), **extra}.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        run.stop_if_not_finite(step, {"gradient norm": grad_norm.item()})
+        stage_run.stop_if_not_finite(step, {"gradient norm": grad_norm.item()})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        # The stage's compute (the study compares methods' budgets): optimizer steps and the real
-        # (non-pad) tokens through forward + backward, all ranks; in the result, so a resumed stage
-        # counts on.
-        run.result["compute/steps"] = step
-        tokens = int(sum_over_ranks({"t": tokens})["t"])
-        run.result["compute/tokens"] = run.result.get("compute/tokens", 0) + tokens
+        # The stage's compute: an optimizer step and the real (non-pad) tokens through forward +
+        # backward, all ranks.
+        stage_run.count(steps=1, tokens=int(sum_over_ranks({"t": tokens})["t"]))
         if step % cfg.log_every == 0 or step == total:
             metrics = mean_over_ranks(metrics)
             shown = f" | {key_metric} {metrics[key_metric]:.4f}" if key_metric != "loss" else ""
-            run.log(step, "train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)},
-                    f"{run.progress(step)} | loss {metrics['loss']:.4f}{shown}")
+            line = f"{stage_run.status(step)} | loss {metrics['loss']:.4f}{shown}"
+            stage_run.log(step, "train", {**metrics, "lr": lr, "grad_norm": float(grad_norm)}, line)
         if eval_data and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
             run_eval()
         if step % cfg.ckpt_every == 0 and step < total:
             # one RNG state per rank (gather: every rank takes part)
-            run.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "data": (batches.epoch, batches.index), "rng": gather(_rng_state())})
-    return run.finish(step, {"model": model.state_dict()})
+            stage_run.save(step, {"model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(),
+                                  "data": (batches.epoch, batches.index),
+                                  "rng": gather(_rng_state())})
+    return stage_run.finish(step, {"model": model.state_dict()})

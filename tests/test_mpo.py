@@ -101,7 +101,7 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
     subsets = ["helpful", "harmless", "helpful", "helpful", "harmless", "helpful"]
     cfg = EvalConfig(samples=2, batch_size=4)
     run = RunConfig(max_response_len=6)
-    results, _ = compare_to_sft(models, rm, Data(tok, prompts_eval=prompts, subsets=subsets), run, cfg, "cpu")
+    results, _ = compare_to_sft(models, rm, Data(tok, prompts_eval=prompts, subsets=subsets), run, cfg)
     for name, r in results.items():
         parts = r["subsets"]
         assert {s: p["prompts"] for s, p in parts.items()} == {"helpful": 4, "harmless": 2}
@@ -109,7 +109,7 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
         assert whole == pytest.approx(r["rm_score"], abs=1e-5)
         assert sum(p["win_rate"] * p["prompts"] for p in parts.values()) / 6 == pytest.approx(r["win_rate"])
     assert all(p["win_rate"] == 0.5 for p in results["sft"]["subsets"].values())  # ties with itself
-    assert "subsets" not in compare_to_sft(models, rm, Data(tok, prompts_eval=prompts), run, cfg, "cpu")[0]["sft"]
+    assert "subsets" not in compare_to_sft(models, rm, Data(tok, prompts_eval=prompts), run, cfg)[0]["sft"]
 
 
 def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
@@ -126,7 +126,7 @@ def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
     rows = [([1, 2], [3, 256], [4, 256]), ([5], [6, 256], [7, 256]), ([1, 2], [8, 256], [9, 256])]  # a repeated prompt
     for per_row, prompts in ((True, [[1, 2], [5], [1, 2]]), (False, [[1, 2], [5]])):
         split = SplitConfig(batch_size=8, pairs_per_row=per_row)
-        made, gaps = make_pairs(GPT(config), ScalarModel(config), rows, split, RunConfig(max_response_len=4), 256, "cpu")
+        made, gaps = make_pairs(GPT(config), ScalarModel(config), rows, split, RunConfig(max_response_len=4), 256)
         assert [p for p, _, _ in made] == prompts and (gaps >= 0).all() and len(gaps) == len(prompts)
 
 

@@ -161,7 +161,7 @@ def test_nan_reward_stops_ppo_naming_the_quantities(tmp_path):
     message = str(error.value)
     assert "\n" not in message and message.startswith("ppo: ") and "score" in message and "iteration 2" in message
     ckpt = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["policy"].values())
+    assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["policy"].values())
 
 
 def test_cuda_out_of_memory_is_explained_in_one_line(monkeypatch, capsys, tmp_path):
