@@ -41,7 +41,8 @@ def plot_gaps(path, gaps, delta, rm_by_gap):
     b.bar(names, [rm_by_gap[n]["accuracy"] or 0 for n in names], color="tab:green")
     for i, n in enumerate(names):
         b.text(i, 0.03, f"n={rm_by_gap[n]['pairs']}", ha="center")
-    b.set(xlabel="|RM gap| of held-out human pairs", ylabel="RM accuracy", ylim=(0, 1), title="Reliability by gap")
+    b.set(xlabel="|RM gap| of held-out human pairs", ylabel="RM accuracy", ylim=(0, 1),
+          title="Reliability by gap")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -56,16 +57,18 @@ def plot_curves(path, out: Path):
         ax.axis("off")
     for ax, log in zip(axes.flat, logs):
         records = []
-        for line in log.read_text().splitlines():  # a line torn by a crash, or not one of ours, is left out
+        # a line torn by a crash, or not one of ours, is left out
+        for line in log.read_text().splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-        records = [r for r in records if isinstance(r, dict) and {"stage", "step", "split"} <= r.keys()]
+        records = [r for r in records
+                   if isinstance(r, dict) and {"stage", "step", "split"} <= r.keys()]
         # the stage's key metric: DPO's margins, the RM's accuracy, PPO's gold (else its RM score),
         # SFT's loss
-        k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss") if any(k in r for r in records)),
-                 "loss")
+        k = next((k for k in ("rewards/margins", "accuracy", "gold", "score", "loss")
+                  if any(k in r for r in records)), "loss")
         for split in ("train", "eval"):
             points = [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
             if points:
@@ -81,17 +84,24 @@ def plot_frontier(path, results, key):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, r in results.items():
         ax.scatter(r["kl_to_sft"], r[key])
-        ax.annotate(name, (r["kl_to_sft"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} vs KL to SFT")
+        ax.annotate(name, (r["kl_to_sft"], r[key]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}",
+           title=f"{key} vs KL to SFT")
     fig.tight_layout()
     save_figure(fig, path)
 
 
 def table(rows: dict, cols) -> list:
     """Markdown table lines, one row per key of `rows`."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-            *[f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]]
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    header = "| | " + " | ".join(cols) + " |"
+    rule = "|---" * (len(cols) + 1) + "|"
+    body = [f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |"
+            for name, r in rows.items()]
+    return [header, rule, *body]
 
 
 def subset_table(results) -> list:
@@ -118,74 +128,98 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
     plot_gaps(out / "gaps.png", gaps, split_stats["delta"], by_gap)
     plot_curves(out / "curves.png", out)
     plot_frontier(out / "frontier.png", results, key)
-    times = {name: json.loads((out / name / "result.json").read_text())["wall_s"] for name in made
-             if (out / name / "result.json").exists()}
-    cols = [c for c in ("gold", "gold_se", "rm_score", "win_rate", "win", "tie", "lose", "kl_to_sft", "length") if c in results["sft"]]
+    times = {name: json.loads((out / name / "result.json").read_text())["wall_s"]
+             for name in made if (out / name / "result.json").exists()}
+    cols = [c for c in ("gold", "gold_se", "rm_score", "win_rate", "win", "tie", "lose",
+                        "kl_to_sft", "length") if c in results["sft"]]
     best = max(results, key=lambda n: results[n][key])
-    lines = [f"# MPO run: {cfgs['run'].dataset}", "",
-             f"Held-out prompts, {cfgs['eval'].samples} sampled response(s) each (temperature "
-             f"{cfgs['eval'].temperature}); win / tie / lose against the SFT model's response to the same prompt "
-             "(same sample index), by reward-model score"
-             + (". `gold` is the task's own gold reward (the demo's, or --gold_reward)." if key == "gold" else "."), "",
-             *table(results, cols), "", *subset_table(results),
-             *([f"Room to improve: the best gold reward achievable on these prompts is {gold_best:.3f} on average, "
-                f"the SFT model's mean gold {results['sft']['gold']:.3f} "
-                f"({gold_best - results['sft']['gold']:+.3f}).", ""]
-               if gold_best is not None and key == "gold" else []),
-             f"Highest {key}: **{best}**. " + " ".join(
-                 f"{n}: {results[n][key]:.3f}, " + ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
-                                                             for m in results if m != n and "[" not in m) + "."
-                 for n in ("mpo", *variants) if n in results), "", "![reward vs KL](frontier.png)", "",
-             "## The split", "",
-             f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, delta {split_stats['delta']:.3g}: "
-             f"{split_stats['easy_pairs']} easy pairs for DPO "
-             f"({split_stats['easy_pairs'] / max(split_stats['pairs'], 1):.1%} at or above delta), {split_stats['hard_prompts']} hard prompts for PPO "
-             "(every pair with its gap and side: `split.jsonl`)"
-             + (f"; scores normalised so SFT responses have mean 0 and std 1 ({rm_metrics['gain_from']}; gain "
-                f"{rm_metrics['gain']:.3g})"
-                if "gain" in rm_metrics else "") + ". The reward model's accuracy on held-out pairs by |gap|, the "
-             "table the threshold rests on" + ("; `ceiling` is the labels' own agreement with the gold reward on "
-                                               "the same pairs (what a perfect RM would score), `rm_vs_gold` the RM's"
-                                               if checks else "")
-             + ":", "",
-             *table({b: v for b, v in by_gap.items()}, ["accuracy", "ceiling", "rm_vs_gold", "pairs"] if checks
-                    else ["accuracy", "pairs"]), ""]
+
+    gold_note = (". `gold` is the task's own gold reward (the demo's, or --gold_reward)."
+                 if key == "gold" else ".")
+    intro = (f"Held-out prompts, {cfgs['eval'].samples} sampled response(s) each (temperature "
+             f"{cfgs['eval'].temperature}); win / tie / lose against the SFT model's response to "
+             "the same prompt (same sample index), by reward-model score" + gold_note)
+    room = []  # how far the SFT model is from the best gold reward, where the task knows it
+    if gold_best is not None and key == "gold":
+        sft_gold = results["sft"]["gold"]
+        room = [f"Room to improve: the best gold reward achievable on these prompts is "
+                f"{gold_best:.3f} on average, the SFT model's mean gold {sft_gold:.3f} "
+                f"({gold_best - sft_gold:+.3f}).", ""]
+
+    def against_others(n):  # n's metric, then its difference to every model but the variants
+        diffs = ", ".join(f"{results[n][key] - results[m][key]:+.3f} vs {m}"
+                          for m in results if m != n and "[" not in m)
+        return f"{n}: {results[n][key]:.3f}, {diffs}."
+
+    highest = (f"Highest {key}: **{best}**. "
+               + " ".join(against_others(n) for n in ("mpo", *variants) if n in results))
+
+    easy_share = split_stats["easy_pairs"] / max(split_stats["pairs"], 1)
+    gain = (f"; scores normalised so SFT responses have mean 0 and std 1 "
+            f"({rm_metrics['gain_from']}; gain {rm_metrics['gain']:.3g})"
+            if "gain" in rm_metrics else "")
+    ceiling = ("; `ceiling` is the labels' own agreement with the gold reward on the same pairs "
+               "(what a perfect RM would score), `rm_vs_gold` the RM's" if checks else "")
+    split_text = (f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, "
+                  f"delta {split_stats['delta']:.3g}: {split_stats['easy_pairs']} easy pairs for "
+                  f"DPO ({easy_share:.1%} at or above delta), {split_stats['hard_prompts']} hard "
+                  "prompts for PPO (every pair with its gap and side: `split.jsonl`)" + gain
+                  + ". The reward model's accuracy on held-out pairs by |gap|, the table the "
+                  "threshold rests on" + ceiling + ":")
+    gap_cols = ["accuracy", "ceiling", "rm_vs_gold", "pairs"] if checks else ["accuracy", "pairs"]
+
+    lines = [f"# MPO run: {cfgs['run'].dataset}", "", intro, "",
+             *table(results, cols), "", *subset_table(results), *room,
+             highest, "", "![reward vs KL](frontier.png)", "",
+             "## The split", "", split_text, "",
+             *table(by_gap, gap_cols), ""]
     if checks:
-        easy, hard = (f"{checks[k]:.3f}" if checks[k] is not None else "-" for k in ("easy_vs_gold", "hard_vs_gold"))
-        lines += [f"All held-out pairs: RM accuracy {checks['accuracy']:.3f}, label ceiling {checks['ceiling']:.3f} "
-                  f"(ratio {checks['accuracy'] / checks['ceiling']:.3f}). On the {split_stats['pairs']} pairs split, the "
-                  f"RM's chosen response is gold's on {easy} of the easy pairs and {hard} of the hard ones; the RM gap "
-                  f"correlates with the gold gap at Pearson r = {checks['pearson']:.3f}.", ""]
+        easy, hard = (f"{checks[k]:.3f}" if checks[k] is not None else "-"
+                      for k in ("easy_vs_gold", "hard_vs_gold"))
+        ratio = checks["accuracy"] / checks["ceiling"]
+        lines += [f"All held-out pairs: RM accuracy {checks['accuracy']:.3f}, label ceiling "
+                  f"{checks['ceiling']:.3f} (ratio {ratio:.3f}). On the {split_stats['pairs']} "
+                  f"pairs split, the RM's chosen response is gold's on {easy} of the easy pairs "
+                  f"and {hard} of the hard ones; the RM gap correlates with the gold gap at "
+                  f"Pearson r = {checks['pearson']:.3f}.", ""]
     lines += ["![gaps](gaps.png)", ""]
     if variants:
-        lines += ["## Ablations", "", *table({n: {**variants[n], **results[n]} for n in variants},
-                                              ["delta", "easy_pairs", "hard_prompts", *cols]), ""]
-    lines += ["## Training", "", "Wall time per stage (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times.items()), "",
+        ablations = {n: {**variants[n], **results[n]} for n in variants}
+        lines += ["## Ablations", "",
+                  *table(ablations, ["delta", "easy_pairs", "hard_prompts", *cols]), ""]
+    wall = ", ".join(f"{n} {t:.0f}" for n, t in times.items())
+    lines += ["## Training", "", f"Wall time per stage (s): {wall}", "",
               "![learning curves](curves.png)", "", "## Samples", ""]
     for name, pairs in samples.items():
-        lines += [f"**{name}**", ""] + [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
+        lines += [f"**{name}**", ""]
+        lines += [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
     # Every stage was made with the settings it recorded (a rerun with others is refused), so
     # together they describe what was run, also when each stage came from another command line
     # (train.sh). The ablation variants' stages differ in their split flags: theirs stand apart.
-    settings = {k: v for name, stage in made.items() if not name.startswith("variants") for k, v in stage.items()}
-    variant_settings = {name: stage for name, stage in made.items() if name.startswith("variants")}
-    lines += ["## Configuration", "", f"Stages: {', '.join(made)}; the flags they were made with (runs.py's "
-              "NOT_RECORDED ones do not change results), then the evaluation's:", "", "```json",
-              json.dumps({"stages": settings, **({"variants": variant_settings} if variant_settings else {}),
-                          "eval": asdict(cfgs["eval"])}, indent=1), "```"]
+    settings = {k: v for name, stage in made.items() if not name.startswith("variants")
+                for k, v in stage.items()}
+    variant_settings = {name: stage for name, stage in made.items()
+                        if name.startswith("variants")}
+    recorded = {"stages": settings,
+                **({"variants": variant_settings} if variant_settings else {}),
+                "eval": asdict(cfgs["eval"])}
+    lines += ["## Configuration", "",
+              f"Stages: {', '.join(made)}; the flags they were made with (runs.py's NOT_RECORDED "
+              "ones do not change results), then the evaluation's:", "",
+              "```json", json.dumps(recorded, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The study (--seeds N): every metric over seeds with a 95 % Student-t interval, and the paper's
 # claims as paired per-seed differences with a verdict. One run folder's results.json is the study
 # of its one seed.
 
 # t_{0.975} for 1..30 degrees of freedom (two-sided 95 %); beyond 30, the normal's 1.96.
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
-        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-        2.0518, 2.0484, 2.0452, 2.0423)
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 METRICS = ("gold", "rm_score", "kl_to_sft", "win_rate")
 # claim: (model, compared with); a positive difference of the task's metric says the claim holds.
 CLAIMS = {"mpo_beats_dpo_all": ("mpo", "dpo_all"), "mpo_beats_ppo_all": ("mpo", "ppo_all"),
@@ -212,7 +246,9 @@ def verdict(diff: dict) -> str:
     """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0, else (it
     contains 0, or there is one seed and so no interval) "inconclusive"."""
     ci = diff and diff["ci95"]
-    return "inconclusive" if not ci else "holds" if ci[0] > 0 else "fails" if ci[1] < 0 else "inconclusive"
+    if not ci:
+        return "inconclusive"
+    return "holds" if ci[0] > 0 else "fails" if ci[1] < 0 else "inconclusive"
 
 
 def paired(a, b) -> dict:
@@ -234,25 +270,30 @@ def study(records: list) -> dict:
     out = {"seeds": [r["seed"] for r in records], "methods": {}, "claims": {}}
     for name, first in names.items():
         out["methods"][name] = {k: summary(of(name, k)) for k in METRICS if k in first}
-        out["methods"][name]["compute"] = {k: round(sum(c[k] for c in of(name, "compute")) / len(records))
-                                           for k in first["compute"]}
+        out["methods"][name]["compute"] = {
+            k: round(sum(c[k] for c in of(name, "compute")) / len(records))
+            for k in first["compute"]}
     buckets = [r.get("gap_buckets") or {} for r in records]
     if all(len(b) >= 2 for b in buckets):
         by = {b: [r[b] for r in buckets] for b in buckets[0]}  # bucket -> its per-seed entries
         accuracy = {b: [x["accuracy"] for x in v] for b, v in by.items()}
-        diff = paired(accuracy[list(by)[-1]], accuracy[list(by)[0]])  # the top quartile minus the bottom one
+        # the top quartile minus the bottom one
+        diff = paired(accuracy[list(by)[-1]], accuracy[list(by)[0]])
+        summaries = {}  # bucket -> its accuracy over seeds and its mean pairs, low and high
+        for b, v in by.items():
+            means = {k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}
+            summaries[b] = {"accuracy": summary(accuracy[b]), **means}
         out["claims"]["rm_accuracy_rises_with_gap"] = {
-            "buckets": {b: {"accuracy": summary(accuracy[b]),
-                            **{k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}}
-                        for b, v in by.items()},
-            "diff": diff, "verdict": verdict(diff), "metric": "RM accuracy, top - bottom quartile of abs(gap)"}
+            "buckets": summaries, "diff": diff, "verdict": verdict(diff),
+            "metric": "RM accuracy, top - bottom quartile of abs(gap)"}
     else:
-        out["claims"]["rm_accuracy_rises_with_gap"] = {"buckets": {}, "diff": None, "verdict": "inconclusive",
-                                                       "metric": "no held-out pairs scored"}
+        out["claims"]["rm_accuracy_rises_with_gap"] = {
+            "buckets": {}, "diff": None, "verdict": "inconclusive",
+            "metric": "no held-out pairs scored"}
     for claim, (a, b) in CLAIMS.items():
         diff = paired(of(a, key), of(b, key)) if a in names and b in names else None
-        out["claims"][claim] = {"diff": diff, "verdict": verdict(diff),
-                                "metric": f"{key}, {a} - {b}" if diff else f"needs models {a} and {b}"}
+        metric = f"{key}, {a} - {b}" if diff else f"needs models {a} and {b}"
+        out["claims"][claim] = {"diff": diff, "verdict": verdict(diff), "metric": metric}
     return out
 
 
@@ -277,18 +318,21 @@ def plot_overoptimisation(path, folders) -> bool:
     iterations): gold (top row; where the task has one) and RM score (bottom) against KL to the
     stage's reference, one line per seed (Gao et al. 2022: the gold reward rises, then falls while
     the proxy keeps rising). False when no stage logged an evaluation."""
-    stages = sorted({str(p.parent.relative_to(f)) for f in folders for p in f.rglob("metrics.jsonl")
+    stages = sorted({str(p.parent.relative_to(f))
+                     for f in folders for p in f.rglob("metrics.jsonl")
                      if p.parent.name in ("ppo_all", "mpo")})
     curves = {}  # (stage, seed folder) -> eval lines
     for stage in stages:
         for f in folders:
             log = f / stage / "metrics.jsonl"
-            lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-            curves[stage, f.name] = [r for r in lines if r["split"] == "eval" and "kl" in r]
+            lines = log.read_text().splitlines() if log.exists() else []
+            records = [json.loads(line) for line in lines]
+            curves[stage, f.name] = [r for r in records if r["split"] == "eval" and "kl" in r]
     if not any(curves.values()):
         return False
     keys = [k for k in ("gold", "score") if any(k in r for c in curves.values() for r in c)]
-    fig, axes = plt.subplots(len(keys), len(stages), figsize=(3.8 * len(stages), 3.2 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(stages),
+                             figsize=(3.8 * len(stages), 3.2 * len(keys)), squeeze=False)
     for col, stage in enumerate(stages):
         for row, key in enumerate(keys):
             ax = axes[row, col]
@@ -296,7 +340,8 @@ def plot_overoptimisation(path, folders) -> bool:
                 points = [(r["kl"], r[key]) for r in curves[stage, f.name] if key in r]
                 if points:
                     ax.plot(*zip(*points), marker="o", ms=3, alpha=0.7, label=f.name)
-            ax.set(title=stage, xlabel="KL to the stage's reference (nats)", ylabel=f"held-out {key}")
+            ax.set(title=stage, xlabel="KL to the stage's reference (nats)",
+                   ylabel=f"held-out {key}")
             ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
@@ -310,49 +355,68 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
     n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
-             f"Each seed trains every model anew (initialisation, data order, sampling) on the same task data and is "
-             "evaluated like a single run; a claim is the paired per-seed difference with its 95 % Student-t "
-             "interval over seeds: it **holds** when the interval lies above 0, **fails** below 0, else it is "
-             "inconclusive. Claim (a): per seed, the reward model's accuracy on held-out pairs in the top quartile "
-             "of |gap| minus that in the bottom quartile.", "",
-             "| claim | difference | mean | 95 % CI | per seed | verdict | seeds |", "|---|---|---|---|---|---|---|"]
+             "Each seed trains every model anew (initialisation, data order, sampling) on the same "
+             "task data and is evaluated like a single run; a claim is the paired per-seed "
+             "difference with its 95 % Student-t interval over seeds: it **holds** when the "
+             "interval lies above 0, **fails** below 0, else it is inconclusive. Claim (a): per "
+             "seed, the reward model's accuracy on held-out pairs in the top quartile of |gap| "
+             "minus that in the bottom quartile.", "",
+             "| claim | difference | mean | 95 % CI | per seed | verdict | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for claim, c in results["claims"].items():
         d = c["diff"]
-        lines.append(f"| {claim} | {c['metric']} | " + (f"{d['mean']:+.3f} | " + (
-            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "-") + " | " + ", ".join(
-            f"{v:+.3f}" for v in d["per_seed"]) if d else "- | - | -") + f" | **{c['verdict']}** | {n} |")
+        if d:
+            ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "-"
+            per_seed = ", ".join(f"{v:+.3f}" for v in d["per_seed"])
+            cells = f"{d['mean']:+.3f} | {ci} | {per_seed}"
+        else:
+            cells = "- | - | -"
+        lines.append(f"| {claim} | {c['metric']} | {cells} | **{c['verdict']}** | {n} |")
     gap = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
     if gap:
-        lines += ["", "Reward-model accuracy on held-out pairs by |gap| quartile (mean over seeds): " + ", ".join(
-            f"{b} ({v['low']:.2f}-{v['high']:.2f}, {v['pairs']:.0f} pairs) {interval(v['accuracy'])}"
-            for b, v in gap.items()) + "."]
-    lines += ["", "Each seed has its own reward model, whose scores have their own offset and scale: compare RM scores "
-              "within a seed (a claim's paired difference), not across seeds." + (
-                  "" if "gold" in results["methods"]["sft"] else " Without a gold reward the RM score is the only "
-                  "metric, and it is circular: the same RM trained the policies.")]
+        quartiles = ", ".join(f"{b} ({v['low']:.2f}-{v['high']:.2f}, {v['pairs']:.0f} pairs) "
+                              f"{interval(v['accuracy'])}" for b, v in gap.items())
+        lines += ["", "Reward-model accuracy on held-out pairs by |gap| quartile (mean over "
+                  f"seeds): {quartiles}."]
+    no_gold = ("" if "gold" in results["methods"]["sft"] else
+               " Without a gold reward the RM score is the only metric, and it is circular: the "
+               "same RM trained the policies.")
+    lines += ["", "Each seed has its own reward model, whose scores have their own offset and "
+              "scale: compare RM scores within a seed (a claim's paired difference), not across "
+              "seeds." + no_gold]
     if plot_overoptimisation(out / "overoptimisation.png", folders):
-        lines += ["", "## Over-optimisation", "", "Along every PPO stage, held-out gold (where the task has it) and "
-                  "RM score against KL to the stage's reference, one line per seed (Gao et al. 2022):", "",
+        lines += ["", "## Over-optimisation", "",
+                  "Along every PPO stage, held-out gold (where the task has it) and RM score "
+                  "against KL to the stage's reference, one line per seed (Gao et al. 2022):", "",
                   "![over-optimisation](overoptimisation.png)"]
     metrics = [k for k in METRICS if k in results["methods"]["sft"]]
     compute = ["policy_steps", "policy_tokens", "samples"]
     lines += ["", f"## Models (mean [95 % CI] over {n} seeds)", "",
-              "| model | " + " | ".join(metrics + compute) + " |", "|---" * (len(metrics) + len(compute) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(interval(m[k]) for k in metrics) + " | "
-              + " | ".join(f"{m['compute'].get(k, 0):,}" for k in compute) + " |"
-              for name, m in results["methods"].items()]
-    lines += ["", "Compute (mean over seeds): optimizer steps of the policy, real tokens through its forward and "
-              "backward passes, and responses it sampled while training, summed over the model's own stages after "
-              "SFT (the sft row: SFT itself; mpo: its DPO and PPO stages). Every model also shares the SFT model, the "
-              "reward model and the resampled pairs. " + (
-                  "`--budget matched`: every method gets dpo_all's optimizer steps, PPO the nearest whole number of "
-                  "iterations, MPO half of them in DPO and the rest in PPO." if cfgs["run"].budget == "matched" else
-                  "`--budget data`: budgets are not matched, each stage's follows its data size (`--budget "
-                  "matched` gives every method dpo_all's optimizer steps)."), "",
-              "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of DPO's beta and PPO's "
-              "kl_coef.", "",
-              "Per-seed reports: " + ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders), "",
-              "## Configuration", "", "```json", json.dumps({k: asdict(v) for k, v in cfgs.items()}, indent=1), "```"]
+              "| model | " + " | ".join(metrics + compute) + " |",
+              "|---" * (len(metrics) + len(compute) + 1) + "|"]
+    for name, m in results["methods"].items():
+        scores = " | ".join(interval(m[k]) for k in metrics)
+        counts = " | ".join(f"{m['compute'].get(k, 0):,}" for k in compute)
+        lines.append(f"| {name} | {scores} | {counts} |")
+    if cfgs["run"].budget == "matched":
+        budget = ("`--budget matched`: every method gets dpo_all's optimizer steps, PPO the "
+                  "nearest whole number of iterations, MPO half of them in DPO and the rest in "
+                  "PPO.")
+    else:
+        budget = ("`--budget data`: budgets are not matched, each stage's follows its data size "
+                  "(`--budget matched` gives every method dpo_all's optimizer steps).")
+    compute_text = ("Compute (mean over seeds): optimizer steps of the policy, real tokens through "
+                    "its forward and backward passes, and responses it sampled while training, "
+                    "summed over the model's own stages after SFT (the sft row: SFT itself; mpo: "
+                    "its DPO and PPO stages). Every model also shares the SFT model, the reward "
+                    "model and the resampled pairs. " + budget)
+    links = ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders)
+    configs = {k: asdict(v) for k, v in cfgs.items()}
+    lines += ["", compute_text, "",
+              "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of "
+              "DPO's beta and PPO's kl_coef.", "",
+              f"Per-seed reports: {links}", "",
+              "## Configuration", "", "```json", json.dumps(configs, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
 
@@ -368,12 +432,15 @@ def plot_sweep(path, studies: dict, key: str):
         for x, results in studies.items():
             m = results["methods"].get(name)
             if m:
-                ax.scatter(m["kl_to_sft"]["per_seed"], m[key]["per_seed"], color=color, alpha=0.25, s=12)
+                ax.scatter(m["kl_to_sft"]["per_seed"], m[key]["per_seed"], color=color,
+                           alpha=0.25, s=12)
                 means.append((m["kl_to_sft"]["mean"], m[key]["mean"], x))
         ax.plot([p[0] for p in means], [p[1] for p in means], marker="o", color=color, label=name)
         for kl, y, x in means:
-            ax.annotate(f"x{x:g}", (kl, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
-    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}", title=f"{key} against KL to SFT")
+            ax.annotate(f"x{x:g}", (kl, y), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7, color=color)
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel=f"mean {key}",
+           title=f"{key} against KL to SFT")
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
@@ -384,18 +451,23 @@ def write_sweep(out: Path, cfgs, studies: dict) -> Path:
     model's metric and KL at every multiple, and the claims' verdicts at every multiple."""
     first = next(iter(studies.values()))
     key = "gold" if "gold" in first["methods"]["sft"] else "rm_score"
-    atomic_save(json.dumps({f"{x:g}": r for x, r in studies.items()}, indent=1).encode(), out / "sweep.json")
+    by_multiple = {f"{x:g}": r for x, r in studies.items()}
+    atomic_save(json.dumps(by_multiple, indent=1).encode(), out / "sweep.json")
     plot_sweep(out / "frontier.png", studies, key)
     xs = [f"x{x:g}" for x in studies]
     dpo, ppo = cfgs["dpo"].beta, cfgs["ppo"].kl_coef
-    lines = [f"# MPO reward-KL frontier: {cfgs['run'].dataset}, {len(first['seeds'])} seed(s) per point", "",
-             f"Every model trained at multiples {', '.join(xs)} of the regularisation strengths (DPO's beta {dpo:g}, "
-             f"PPO's kl_coef {ppo:g}; MPO's two stages both), each multiple a study of its own in `sweep_<x>/`. A "
-             "model whose line lies higher at the same KL is better (the DPO paper's Figure 2).", "",
-             "![frontier](frontier.png)", "", f"{key} (mean [95 % CI] over seeds) / KL to SFT (mean):", "",
+    seeds = len(first["seeds"])
+    lines = [f"# MPO reward-KL frontier: {cfgs['run'].dataset}, {seeds} seed(s) per point", "",
+             f"Every model trained at multiples {', '.join(xs)} of the regularisation strengths "
+             f"(DPO's beta {dpo:g}, PPO's kl_coef {ppo:g}; MPO's two stages both), each multiple "
+             "a study of its own in `sweep_<x>/`. A model whose line lies higher at the same KL "
+             "is better (the DPO paper's Figure 2).", "",
+             "![frontier](frontier.png)", "",
+             f"{key} (mean [95 % CI] over seeds) / KL to SFT (mean):", "",
              "| model | " + " | ".join(xs) + " |", "|---" * (len(xs) + 1) + "|"]
     for name in first["methods"]:
-        cells = [f"{interval(r['methods'][name][key])} / {r['methods'][name]['kl_to_sft']['mean']:.2f}"
+        cells = [f"{interval(r['methods'][name][key])} / "
+                 f"{r['methods'][name]['kl_to_sft']['mean']:.2f}"
                  if name in r["methods"] else "-" for r in studies.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "The claims at every multiple (mean paired difference, verdict):", "",
@@ -404,6 +476,7 @@ def write_sweep(out: Path, cfgs, studies: dict) -> Path:
         cells = [f"{c['diff']['mean']:+.3f} {c['verdict']}" if c["diff"] else c["verdict"]
                  for c in (r["claims"][claim] for r in studies.values())]
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-multiple reports: " + ", ".join(f"[sweep_{x:g}](sweep_{x:g}/report.md)" for x in studies)]
+    links = ", ".join(f"[sweep_{x:g}](sweep_{x:g}/report.md)" for x in studies)
+    lines += ["", f"Per-multiple reports: {links}"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
