@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--seeds", "1", "--device", "cpu", "--max_train", "200", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--sft.max_steps", "60", "--sft.ckpt_every", "5", "--sft.log_every", "1", "--sft.eval_every", "20",
         "--rm.max_steps", "20", "--rm.ckpt_every", "5", "--rm.log_every", "1", "--methods", "", "--eval.prompts", "8",
-        "--rm.n_embd", "0"]  # the RM in the policy's shape: a shape flag changes both
+        "--rm.n_embd", "0", "--rm.n_head", "0"]  # the RM in the policy's shape: a shape flag changes both
 
 
 def cli(out, *extra):
@@ -444,16 +444,16 @@ def test_flags_that_change_no_result_are_no_conflict_and_leftovers_are_cleared(w
 def test_redo_redoes_the_changed_stage_and_those_after_it_only(whole, tmp_path, capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     before = hashes(out)
-    mpo.main(["--out", str(out), *TINY, "--rm.lr", "2e-3", "--redo"])
+    mpo.main(["--out", str(out), *TINY, "--rm.lr", "3e-3", "--redo"])
     stdout = capsys.readouterr().out
     assert f"--redo: removed {out / 'rm'}, made with other settings" in stdout
     assert f"--redo: removed {out / 'pairs_resample.pt'}" in stdout and "sft: done in an earlier run" in stdout
     after = hashes(out)
     assert all(after[k] == v for k, v in before.items() if k.startswith("sft/"))  # upstream of the change: kept
     assert after["rm/final.pt"] != before["rm/final.pt"] and after["pairs_resample.pt"] != before["pairs_resample.pt"]
-    assert json.loads((out / "rm" / "settings.json").read_text())["rm.lr"] == 2e-3
-    assert json.loads((out / "pairs_resample.json").read_text())["rm.lr"] == 2e-3
-    assert '"rm.lr": 0.002' in (out / "report.md").read_text() and not list(out.rglob("*.tmp"))
+    assert json.loads((out / "rm" / "settings.json").read_text())["rm.lr"] == 3e-3
+    assert json.loads((out / "pairs_resample.json").read_text())["rm.lr"] == 3e-3
+    assert '"rm.lr": 0.003' in (out / "report.md").read_text() and not list(out.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("argv, stopped", [
