@@ -444,16 +444,16 @@ def test_flags_that_change_no_result_are_no_conflict_and_leftovers_are_cleared(w
 def test_redo_redoes_the_changed_stage_and_those_after_it_only(whole, tmp_path, capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     before = hashes(out)
-    mpo.main(["--out", str(out), *TINY, "--rm.lr", "3e-3", "--redo"])
+    mpo.main(["--out", str(out), *TINY, "--rm.lr", "2e-3", "--redo"])
     stdout = capsys.readouterr().out
     assert f"--redo: removed {out / 'rm'}, made with other settings" in stdout
     assert f"--redo: removed {out / 'pairs_resample.pt'}" in stdout and "sft: done in an earlier run" in stdout
     after = hashes(out)
     assert all(after[k] == v for k, v in before.items() if k.startswith("sft/"))  # upstream of the change: kept
     assert after["rm/final.pt"] != before["rm/final.pt"] and after["pairs_resample.pt"] != before["pairs_resample.pt"]
-    assert json.loads((out / "rm" / "settings.json").read_text())["rm.lr"] == 3e-3
-    assert json.loads((out / "pairs_resample.json").read_text())["rm.lr"] == 3e-3
-    assert '"rm.lr": 0.003' in (out / "report.md").read_text() and not list(out.rglob("*.tmp"))
+    assert json.loads((out / "rm" / "settings.json").read_text())["rm.lr"] == 2e-3
+    assert json.loads((out / "pairs_resample.json").read_text())["rm.lr"] == 2e-3
+    assert '"rm.lr": 0.002' in (out / "report.md").read_text() and not list(out.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("argv, stopped", [
