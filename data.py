@@ -73,6 +73,11 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
     raise ValueError(f"unknown tokenizer {name!r} (valid: {', '.join(TOKENIZERS)})")
 
 
+def decode_text(tok, ids) -> str:
+    """The text of token ids without their <|endoftext|>: what a gold reward and a reader see."""
+    return tok.decode([t for t in ids if t != tok.eot_token])
+
+
 def _ids(tok: tiktoken.Encoding, text: str) -> list[int]:
     # Ordinary encoding (no special tokens allowed): a literal "<|endoftext|>" inside a forum post
     # is plain text, never the EOS id -- otherwise data could end a sequence early or fake an EOS in

@@ -109,6 +109,12 @@ def with_split(split, overrides: dict):
     return replace(split, **off, **overrides)
 
 
+def split_variants(run, split) -> list:
+    """[(text, split config)] of --variants "delta=2;stage2_ref=sft": MPO variants of --split."""
+    return [(text, with_split(split, parse_fields(type(split), text)))
+            for text in filter(None, run.variants.split(";"))]
+
+
 def sweep_factors(text: str) -> list:
     """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each > 0."""
     try:
@@ -211,9 +217,8 @@ def check_run_flags(run, split_class):
 def validate(cfgs: dict):
     """A ValueError "argument --flag: what it accepts" for the first flag out of LIMITS, or out of
     step with another flag; the variants' split fields are checked like --split's."""
-    texts = filter(None, cfgs["run"].variants.split(";"))
-    variants = [("split", with_split(cfgs["split"], parse_fields(type(cfgs["split"]), text)),
-                 f"--variants {text!r}: ") for text in texts]
+    variants = [("split", v, f"--variants {text!r}: ")
+                for text, v in split_variants(cfgs["run"], cfgs["split"])]
     for group, cfg, where in [*((group, cfg, "") for group, cfg in cfgs.items()), *variants]:
         for name, value in asdict(cfg).items():
             test, accepts = LIMITS.get(f"{group}.{name}") or LIMITS.get(f"*.{name}") or (None, "")

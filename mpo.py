@@ -29,10 +29,10 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from data import (DemoConfig, collate_pairs, collate_prompts, collate_sft, encode_dataset,
-                  get_tokenizer, load_gold_reward, load_task)
+from data import (DemoConfig, collate_pairs, collate_prompts, collate_sft, decode_text,
+                  encode_dataset, get_tokenizer, load_gold_reward, load_task)
 from dpo import DPOConfig, dpo, response_logps
-from flags import flag_parser, given_flags, make_configs, parse_fields, with_split
+from flags import flag_parser, given_flags, make_configs, split_variants
 from model import GPT, GPTConfig, ScalarModel, keep_freed_memory, response_mask
 from ppo import Models, PPOConfig, ppo
 from report import METRICS, study, write_report
@@ -357,11 +357,10 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
 
 def gold_gaps(gold_reward, tok, rows) -> torch.Tensor:
     """gold(prompt, chosen) - gold(prompt, rejected) of encoded (prompt, chosen, rejected) rows."""
-    def text(ids):
-        return tok.decode([t for t in ids if t != tok.eot_token])
+    def gold(prompt, response):
+        return gold_reward(decode_text(tok, prompt), decode_text(tok, response))
 
-    return torch.tensor([gold_reward(text(p), text(c)) - gold_reward(text(p), text(r))
-                         for p, c, r in rows])
+    return torch.tensor([gold(p, c) - gold(p, r) for p, c, r in rows])
 
 
 def agreement(gaps, gold) -> float | None:
@@ -492,7 +491,7 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
                                               run.dtype, f"evaluate {name}: RM"))
         kl = (logps_of(model, rows, cfg.batch_size, device, run.dtype)
               - logps_of(models["sft"], rows, cfg.batch_size, device, run.dtype))
-        texts = [tok.decode([t for t in r if t != tok.eot_token]) for r in responses]
+        texts = [decode_text(tok, r) for r in responses]
         results[name] = {}
         if data.gold_reward:  # standard error over prompts: a prompt's samples are not independent
             gold = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
@@ -705,8 +704,7 @@ def run_pipeline(cfgs: dict) -> Path:
     folders = {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
                "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
     variants = {}
-    for text in filter(None, run.variants.split(";")):  # ablations share SFT, the RM and the pairs
-        v = with_split(split, parse_fields(SplitConfig, text))
+    for text, v in split_variants(run, split):  # ablations share SFT, the RM and the pairs
         folder, name = variant_folder(out, text), f"mpo[{text}]"
         folders[name] = [str(folder.relative_to(out) / stage) for stage in ("mpo_dpo", "mpo")]
         v_easy, v_hard, variants[name] = split_pairs(*pairs_of(v), v, folder, data.tok)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from data import collate_prompts
+from data import collate_prompts, decode_text
 from dpo import token_logps
 from model import response_mask
 from train import (StageRun, all_reduce_mean, autocast, load_weights, lr_at, mean_over_ranks,
@@ -361,8 +361,7 @@ def eval_policy(models, prompt_ids, tok, cfg, gold_reward=None, name="ppo eval")
 
 def decode(tok, prompt_ids, ro):
     """(prompt, response) strings of the rollout's rows; the response without its EOS and pads."""
-    eos = tok.eot_token
-    return [(tok.decode(p), tok.decode([t for t in r[m].tolist() if t != eos]))
+    return [(tok.decode(p), decode_text(tok, r[m].tolist()))
             for p, r, m in zip(prompt_ids, ro.responses, ro.mask)]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from flags import parse_fields, sweep_factors, with_split
+from flags import split_variants, sweep_factors
 from model import keep_freed_memory, regular_file
 from report import seed_record, study, write_study, write_sweep
 from train import (atomic_save, autocast_dtype, check_shapes, gather, is_main, load_checkpoint,
@@ -176,8 +176,7 @@ def plan(out: Path, cfgs) -> dict:
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
-        for text in filter(None, run.variants.split(";")):
-            v = with_split(split, parse_fields(type(split), text))
+        for text, v in split_variants(run, split):
             vrec = records(cfgs, v)
             steps += [("", pairs_cache(out, v), vrec["pairs"]),
                       *[("", variant_folder(out, text) / name, vrec[name])
