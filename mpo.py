@@ -731,8 +731,8 @@ def run_pipeline(cfgs: dict) -> Path:
 CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitConfig,
            "dpo": DPOConfig, "ppo": PPOConfig, "eval": EvalConfig, "demo": DemoConfig}
 # The demo preset (--preset demo; --dataset demo implies it): a tiny GPT trained from scratch on 2
-# CPU cores, so larger learning rates and shorter budgets; an RM of its own narrower shape with 8
-# heads of 8 (with the policy's 4 it barely learns the banned word and repeats) trained from scratch
+# CPU cores, so larger learning rates and shorter budgets; an RM of its own shape, 96 wide with 24
+# heads of 4 (more heads is what lets it learn the banned word and repeats) trained from scratch
 # for 2 epochs of 100k pairs (the budget its held-out accuracy needed), normalised so that the
 # author's delta = 1 is one standard deviation of the SFT responses' scores; the real
 # datasets keep the author's values. A study over 3 seeds, every method with dpo_all's optimizer
@@ -740,7 +740,7 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=3, budget="matched"),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10,
                     eval_every=100, log_every=10),
-        "rm": dict(n_embd=64, n_head=8, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0,
+        "rm": dict(n_embd=96, n_head=24, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0,
                    warmup_steps=100, weight_decay=0.0, normalize=True, eval_every=1000,
                    log_every=50),
         "split": dict(pairs_per_row=False),  # 100,000 pairs share 498 prompts: a pair per prompt
