@@ -722,6 +722,9 @@ def run_pipeline(cfgs: dict) -> Path:
               "methods": {name: {**{k: r[k] for k in METRICS if k in r},
                                  "compute": compute(out, folders[name])}
                           for name, r in results.items()}}
+    if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
+        easy_share = split_stats["easy_pairs"] / max(split_stats["pairs"], 1)
+        record["gold_checks"] = {**rm_metrics["gold"], "easy_share": easy_share}
     atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # one seed
     return report
 

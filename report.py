@@ -259,9 +259,10 @@ def paired(a, b) -> dict:
 
 def study(records: list) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
-    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}}. Claims compare gold
-    where the task has it, else the RM score. Claim (a), the RM's accuracy rising with its gap: per
-    seed, the held-out pairs split into quartiles of |gap| (a scale-free version of the paper's
+    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, and on tasks with gold
+    "gold_checks": mpo.gold_checks' dict and "easy_share"}, the last kept per seed. Claims compare
+    gold where the task has it, else the RM score. Claim (a), the RM's accuracy rising with its gap:
+    per seed, the held-out pairs split into quartiles of |gap| (a scale-free version of the paper's
     [0,1) ... >=3 buckets, which a small RM leaves nearly empty), accuracy of the top quartile minus
     the bottom one, paired over seeds."""
     names = records[0]["methods"]
@@ -294,6 +295,8 @@ def study(records: list) -> dict:
         diff = paired(of(a, key), of(b, key)) if a in names and b in names else None
         metric = f"{key}, {a} - {b}" if diff else f"needs models {a} and {b}"
         out["claims"][claim] = {"diff": diff, "verdict": verdict(diff), "metric": metric}
+    if all("gold_checks" in r for r in records):
+        out["gold_checks"] = [r["gold_checks"] for r in records]
     return out
 
 
@@ -301,10 +304,12 @@ def seed_record(results: dict) -> dict:
     """The per-seed record back from one run folder's results.json (a study of one seed)."""
     first = lambda s: s["per_seed"][0]  # noqa: E731
     buckets = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
+    checks = {"gold_checks": results["gold_checks"][0]} if "gold_checks" in results else {}
     return {"seed": results["seeds"][0],
             "methods": {n: {k: v if k == "compute" else first(v) for k, v in m.items()}
                         for n, m in results["methods"].items()},
-            "gap_buckets": {b: {**v, "accuracy": first(v["accuracy"])} for b, v in buckets.items()}}
+            "gap_buckets": {b: {**v, "accuracy": first(v["accuracy"])} for b, v in buckets.items()},
+            **checks}
 
 
 def interval(s: dict) -> str:
@@ -350,8 +355,8 @@ def plot_overoptimisation(path, folders) -> bool:
 
 def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     """out/results.json and out/report.md of a study over seeds: the claims first, then every
-    model's metrics (mean and 95 % interval over seeds) and compute; each seed's own report is
-    linked."""
+    model's metrics (mean and 95 % interval over seeds) and compute, each seed's RM against gold
+    where the task has it; each seed's own report is linked."""
     atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
     n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
@@ -378,6 +383,24 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
                               f"{interval(v['accuracy'])}" for b, v in gap.items())
         lines += ["", "Reward-model accuracy on held-out pairs by |gap| quartile (mean over "
                   f"seeds): {quartiles}."]
+    if "gold_checks" in results:
+        lines += ["", "The reward model and its split against the gold reward, per seed: held-out "
+                  "accuracy beside the label ceiling (the labels' own agreement with gold), the "
+                  "accuracy in the top populated |gap| bucket, the share of the split pairs at or "
+                  "above delta, the RM's agreement with gold on each side, and the correlation of "
+                  "its gap with the gold gap (each seed's report has the whole table by |gap|):",
+                  "", "| seed | RM accuracy | label ceiling | ratio | top bucket (pairs) | "
+                  "at or above delta | easy vs gold | hard vs gold | Pearson r |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for seed, c in zip(results["seeds"], results["gold_checks"]):
+            top = [(b, v) for b, v in c["by_gap"].items() if v["pairs"]][-1]
+            cells = [f"{c['accuracy']:.3f}", f"{c['ceiling']:.3f}",
+                     f"{c['accuracy'] / c['ceiling']:.3f}",
+                     f"{top[1]['accuracy']:.3f} ({top[0]}, {top[1]['pairs']})",
+                     f"{c['easy_share']:.1%}",
+                     *(f"{c[k]:.3f}" if c[k] is not None else "-"
+                       for k in ("easy_vs_gold", "hard_vs_gold", "pearson"))]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     no_gold = ("" if "gold" in results["methods"]["sft"] else
                " Without a gold reward the RM score is the only metric, and it is circular: the "
                "same RM trained the policies.")
@@ -415,7 +438,7 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     lines += ["", compute_text, "",
               "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of "
               "DPO's beta and PPO's kl_coef.", "",
-              f"Per-seed reports: {links}", "",
+              f"Per-seed reports (samples, the RM's accuracy by |gap|): {links}", "",
               "## Configuration", "", "```json", json.dumps(configs, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"

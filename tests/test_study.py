@@ -106,6 +106,8 @@ def test_a_run_folders_results_give_back_its_record():
     rec = record(7, [0.0, 1.0, 2.0, 3.0, 4.0], 0.5, 0.75)
     back = seed_record(json.loads(json.dumps(study([rec]))))
     assert back == rec
+    rec["gold_checks"] = {"accuracy": 0.7, "ceiling": 0.8, "easy_share": 0.4}  # tasks with gold
+    assert seed_record(json.loads(json.dumps(study([rec])))) == rec
 
 
 def test_accuracy_by_gap_quartile_splits_by_rank():
@@ -188,6 +190,10 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     text = (out / "report.md").read_text()
     assert text.index("| mpo_beats_dpo_all |") < text.index("| mpo[stage2_ref=sft] |")  # the claims come first
     assert "`--budget matched`" in text and (out / "overoptimisation.png").stat().st_size > 1000
+    # Each seed's RM and split against gold reach the study's report, the ceiling beside the accuracy.
+    checks = results["gold_checks"]
+    assert len(checks) == 2 and all(0 < c["ceiling"] <= 1 and 0 <= c["easy_share"] <= 1 for c in checks)
+    assert f"| 6 | {checks[1]['accuracy']:.3f} | {checks[1]['ceiling']:.3f} |" in text
     # Each seed is a run folder of its own; the task data is the first seed's in both.
     seeds = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (5, 6)]
     assert [r["methods"]["mpo"]["gold"]["per_seed"][0] for r in seeds] == results["methods"]["mpo"]["gold"]["per_seed"]
@@ -224,7 +230,7 @@ def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(t
     dpo_all = weights["0.5"]["dpo_all"], weights["2"]["dpo_all"]
     assert not all(torch.equal(dpo_all[0][k], dpo_all[1][k]) for k in dpo_all[0])  # another beta, another model
     sweep = json.loads((out / "sweep.json").read_text())
-    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims"} for r in sweep.values())
+    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims", "gold_checks"} for r in sweep.values())
     text = (out / "report.md").read_text()
     assert "| model | x0.5 | x2 |" in text and "| mpo_beats_dpo_all |" in text
     assert (out / "frontier.png").stat().st_size > 1000
