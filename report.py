@@ -154,16 +154,17 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
     highest = (f"Highest {key}: **{best}**. "
                + " ".join(against_others(n) for n in ("mpo", *variants) if n in results))
 
-    easy_share = split_stats["easy_pairs"] / max(split_stats["pairs"], 1)
     gain = (f"; scores normalised so SFT responses have mean 0 and std 1 "
             f"({rm_metrics['gain_from']}; gain {rm_metrics['gain']:.3g})"
             if "gain" in rm_metrics else "")
     ceiling = ("; `ceiling` is the labels' own agreement with the gold reward on the same pairs "
-               "(what a perfect RM would score), `rm_vs_gold` the RM's" if checks else "")
+               "(what a perfect RM would score), `rm_vs_gold` the RM's (it can pass the ceiling: "
+               "an RM averages out the labels' noise)" if checks else "")
     split_text = (f"Pair source `{split_stats['source']}`, {split_stats['pairs']} pairs, "
                   f"delta {split_stats['delta']:.3g}: {split_stats['easy_pairs']} easy pairs for "
-                  f"DPO ({easy_share:.1%} at or above delta), {split_stats['hard_prompts']} hard "
-                  "prompts for PPO (every pair with its gap and side: `split.jsonl`)" + gain
+                  f"DPO ({split_stats['easy_share']:.1%} at or above delta), "
+                  f"{split_stats['hard_prompts']} hard prompts for PPO (every pair with its gap "
+                  "and side: `split.jsonl`)" + gain
                   + ". The reward model's accuracy on held-out pairs by |gap|, the table the "
                   "threshold rests on" + ceiling + ":")
     gap_cols = ["accuracy", "ceiling", "rm_vs_gold", "pairs"] if checks else ["accuracy", "pairs"]
@@ -174,14 +175,14 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
              "## The split", "", split_text, "",
              *table(by_gap, gap_cols), ""]
     if checks:
-        easy, hard = (f"{checks[k]:.3f}" if checks[k] is not None else "-"
-                      for k in ("easy_vs_gold", "hard_vs_gold"))
+        easy, hard, r = (f"{checks[k]:.3f}" if checks[k] is not None else "-"
+                         for k in ("easy_vs_gold", "hard_vs_gold", "pearson"))
         ratio = checks["accuracy"] / checks["ceiling"]
         lines += [f"All held-out pairs: RM accuracy {checks['accuracy']:.3f}, label ceiling "
                   f"{checks['ceiling']:.3f} (ratio {ratio:.3f}). On the {split_stats['pairs']} "
                   f"pairs split, the RM's chosen response is gold's on {easy} of the easy pairs "
                   f"and {hard} of the hard ones; the RM gap correlates with the gold gap at "
-                  f"Pearson r = {checks['pearson']:.3f}.", ""]
+                  f"Pearson r = {r}.", ""]
     lines += ["![gaps](gaps.png)", ""]
     if variants:
         ablations = {n: {**variants[n], **results[n]} for n in variants}
@@ -260,7 +261,7 @@ def paired(a, b) -> dict:
 def study(records: list) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
     {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, and on tasks with gold
-    "gold_checks": mpo.gold_checks' dict and "easy_share"}, the last kept per seed. Claims compare
+    "gold_checks": mpo.gold_checks' dict and "easy_share"}, listed per seed. Claims compare
     gold where the task has it, else the RM score. Claim (a), the RM's accuracy rising with its gap:
     per seed, the held-out pairs split into quartiles of |gap| (a scale-free version of the paper's
     [0,1) ... >=3 buckets, which a small RM leaves nearly empty), accuracy of the top quartile minus
@@ -383,30 +384,31 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
                               f"{interval(v['accuracy'])}" for b, v in gap.items())
         lines += ["", "Reward-model accuracy on held-out pairs by |gap| quartile (mean over "
                   f"seeds): {quartiles}."]
-    if "gold_checks" in results:
-        lines += ["", "The reward model and its split against the gold reward, per seed: held-out "
-                  "accuracy beside the label ceiling (the labels' own agreement with gold), the "
-                  "accuracy in the top populated |gap| bucket, the share of the split pairs at or "
-                  "above delta, the RM's agreement with gold on each side, and the correlation of "
-                  "its gap with the gold gap (each seed's report has the whole table by |gap|):",
-                  "", "| seed | RM accuracy | label ceiling | ratio | top bucket (pairs) | "
-                  "at or above delta | easy vs gold | hard vs gold | Pearson r |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for seed, c in zip(results["seeds"], results["gold_checks"]):
-            top = [(b, v) for b, v in c["by_gap"].items() if v["pairs"]][-1]
-            cells = [f"{c['accuracy']:.3f}", f"{c['ceiling']:.3f}",
-                     f"{c['accuracy'] / c['ceiling']:.3f}",
-                     f"{top[1]['accuracy']:.3f} ({top[0]}, {top[1]['pairs']})",
-                     f"{c['easy_share']:.1%}",
-                     *(f"{c[k]:.3f}" if c[k] is not None else "-"
-                       for k in ("easy_vs_gold", "hard_vs_gold", "pearson"))]
-            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     no_gold = ("" if "gold" in results["methods"]["sft"] else
                " Without a gold reward the RM score is the only metric, and it is circular: the "
                "same RM trained the policies.")
     lines += ["", "Each seed has its own reward model, whose scores have their own offset and "
               "scale: compare RM scores within a seed (a claim's paired difference), not across "
               "seeds." + no_gold]
+    if "gold_checks" in results:
+        lines += ["", "The reward model and its split against the gold reward, per seed. On the "
+                  "held-out pairs: the RM's accuracy beside the label ceiling (the labels' own "
+                  "agreement with gold, what a perfect RM would score) and the accuracy in the top "
+                  "|gap| bucket that has pairs. On the pairs split: the share at or above delta, "
+                  "how often the RM's chosen response is gold's on each side, and the correlation "
+                  "of its gap with the gold gap. Each seed's report has the table by |gap|.", "",
+                  "| seed | RM accuracy | label ceiling | ratio | top bucket: accuracy (bucket, "
+                  "pairs) | share at or above delta | RM = gold, easy | RM = gold, hard | "
+                  "Pearson r |", "|---|---|---|---|---|---|---|---|---|"]
+        for seed, c in zip(results["seeds"], results["gold_checks"]):
+            bucket, top = [(b, v) for b, v in c["by_gap"].items() if v["pairs"]][-1]
+            cells = [f"{c['accuracy']:.3f}", f"{c['ceiling']:.3f}",
+                     f"{c['accuracy'] / c['ceiling']:.3f}",
+                     f"{top['accuracy']:.3f} ({bucket}, {top['pairs']})",
+                     f"{c['easy_share']:.3f}",
+                     *(f"{c[k]:.3f}" if c[k] is not None else "-"
+                       for k in ("easy_vs_gold", "hard_vs_gold", "pearson"))]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     if plot_overoptimisation(out / "overoptimisation.png", folders):
         lines += ["", "## Over-optimisation", "",
                   "Along every PPO stage, held-out gold (where the task has it) and RM score "

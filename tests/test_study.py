@@ -12,7 +12,7 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
-from report import T975, paired, seed_record, study, summary, t975, verdict
+from report import T975, paired, seed_record, study, summary, t975, verdict, write_study
 from train import TrainConfig, train
 
 
@@ -108,6 +108,19 @@ def test_a_run_folders_results_give_back_its_record():
     assert back == rec
     rec["gold_checks"] = {"accuracy": 0.7, "ceiling": 0.8, "easy_share": 0.4}  # tasks with gold
     assert seed_record(json.loads(json.dumps(study([rec])))) == rec
+
+
+def test_study_report_gives_each_seeds_rm_against_gold(tmp_path):
+    by_gap = {"[0,1)": {"accuracy": 0.6, "pairs": 50}, "[1,2)": {"accuracy": 0.9, "pairs": 5},
+              ">=3": {"accuracy": None, "pairs": 0}}
+    records = [record(s, [0.0, 1.0, 2.0, 3.0, 4.0], 0.5, 0.75) for s in (0, 1)]
+    for r, pearson in zip(records, (0.5, None)):  # None: too few pairs split for a correlation
+        r["gold_checks"] = {"accuracy": 0.72, "ceiling": 0.8, "by_gap": by_gap, "easy_share": 0.25,
+                            "easy_vs_gold": 0.9, "hard_vs_gold": None, "pearson": pearson}
+    text = write_study(tmp_path, mpo.parse_args([]), study(records), []).read_text()
+    # the ratio to the ceiling, the top bucket that has pairs, "-" where there is no number
+    assert "| 0 | 0.720 | 0.800 | 0.900 | 0.900 ([1,2), 5) | 0.250 | 0.900 | - | 0.500 |" in text
+    assert "| 1 | 0.720 | 0.800 | 0.900 | 0.900 ([1,2), 5) | 0.250 | 0.900 | - | - |" in text
 
 
 def test_accuracy_by_gap_quartile_splits_by_rank():
