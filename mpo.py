@@ -725,6 +725,7 @@ def run_pipeline(cfgs: dict) -> Path:
                           for name, r in results.items()}}
     if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
         record["gold_checks"] = {**rm_metrics["gold"], "easy_share": split_stats["easy_share"]}
+    record["samples"] = samples  # the study's report shows its first seed's
     atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # one seed
     return report
 

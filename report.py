@@ -117,6 +117,15 @@ def subset_table(results) -> list:
             *table(rows, [f"{s} {k}" for s in names for k in ("rm_score", "win_rate")]), ""]
 
 
+def sample_lines(samples: dict) -> list:
+    """Each model's (prompt, response) samples as a markdown list, prompt and response cut."""
+    lines = []
+    for name, pairs in samples.items():
+        lines += [f"**{name}**", ""]
+        lines += [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
+    return lines
+
+
 def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants, rm_metrics, made,
                  gold_best=None) -> Path:
     """`made`: {stage: the settings it was made with}, for the stages this run ran or loaded;
@@ -190,10 +199,7 @@ def write_report(out: Path, cfgs, results, samples, gaps, split_stats, variants,
                   *table(ablations, ["delta", "easy_pairs", "hard_prompts", *cols]), ""]
     wall = ", ".join(f"{n} {t:.0f}" for n, t in times.items())
     lines += ["## Training", "", f"Wall time per stage (s): {wall}", "",
-              "![learning curves](curves.png)", "", "## Samples", ""]
-    for name, pairs in samples.items():
-        lines += [f"**{name}**", ""]
-        lines += [f"- `{p[-80:]!r}` → `{r[:160]!r}`" for p, r in pairs] + [""]
+              "![learning curves](curves.png)", "", "## Samples", "", *sample_lines(samples)]
     # Every stage was made with the settings it recorded (a rerun with others is refused), so
     # together they describe what was run, also when each stage came from another command line
     # (train.sh). The ablation variants' stages differ in their split flags: theirs stand apart.
@@ -260,12 +266,13 @@ def paired(a, b) -> dict:
 
 def study(records: list) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
-    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, and on tasks with gold
-    "gold_checks": mpo.gold_checks' dict and "easy_share"}, listed per seed. Claims compare
-    gold where the task has it, else the RM score. Claim (a), the RM's accuracy rising with its gap:
-    per seed, the held-out pairs split into quartiles of |gap| (a scale-free version of the paper's
-    [0,1) ... >=3 buckets, which a small RM leaves nearly empty), accuracy of the top quartile minus
-    the bottom one, paired over seeds."""
+    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "samples": {name:
+    [(prompt, response)]}, and on tasks with gold "gold_checks": mpo.gold_checks' dict and
+    "easy_share"}: the gold checks are listed per seed, the samples kept from the first seed.
+    Claims compare gold where the task has it, else the RM score. Claim (a), the RM's accuracy
+    rising with its gap: per seed, the held-out pairs split into quartiles of |gap| (a
+    scale-free version of the paper's [0,1) ... >=3 buckets, which a small RM leaves nearly
+    empty), accuracy of the top quartile minus the bottom one, paired over seeds."""
     names = records[0]["methods"]
     key = "gold" if "gold" in names["sft"] else "rm_score"
     of = lambda name, k: [r["methods"][name][k] for r in records]  # noqa: E731
@@ -298,6 +305,8 @@ def study(records: list) -> dict:
         out["claims"][claim] = {"diff": diff, "verdict": verdict(diff), "metric": metric}
     if all("gold_checks" in r for r in records):
         out["gold_checks"] = [r["gold_checks"] for r in records]
+    if "samples" in records[0]:
+        out["samples"] = records[0]["samples"]
     return out
 
 
@@ -305,12 +314,16 @@ def seed_record(results: dict) -> dict:
     """The per-seed record back from one run folder's results.json (a study of one seed)."""
     first = lambda s: s["per_seed"][0]  # noqa: E731
     buckets = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
-    checks = {"gold_checks": results["gold_checks"][0]} if "gold_checks" in results else {}
+    extra = {}  # the RM against gold (tasks with one), the samples the report shows
+    if "gold_checks" in results:
+        extra["gold_checks"] = results["gold_checks"][0]
+    if "samples" in results:
+        extra["samples"] = results["samples"]
     return {"seed": results["seeds"][0],
             "methods": {n: {k: v if k == "compute" else first(v) for k, v in m.items()}
                         for n, m in results["methods"].items()},
             "gap_buckets": {b: {**v, "accuracy": first(v["accuracy"])} for b, v in buckets.items()},
-            **checks}
+            **extra}
 
 
 def interval(s: dict) -> str:
@@ -440,8 +453,10 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     lines += ["", compute_text, "",
               "The reward-KL frontier: `--sweep 0.5,1,2` runs the study at those multiples of "
               "DPO's beta and PPO's kl_coef.", "",
-              f"Per-seed reports (samples, the RM's accuracy by |gap|): {links}", "",
-              "## Configuration", "", "```json", json.dumps(configs, indent=1), "```"]
+              f"Per-seed reports (samples, the RM's accuracy by |gap|): {links}", ""]
+    if "samples" in results:
+        lines += [f"## Samples (seed {results['seeds'][0]})", "", *sample_lines(results["samples"])]
+    lines += ["## Configuration", "", "```json", json.dumps(configs, indent=1), "```"]
     atomic_save("\n".join(lines).encode(), out / "report.md")
     return out / "report.md"
 

@@ -107,6 +107,7 @@ def test_a_run_folders_results_give_back_its_record():
     back = seed_record(json.loads(json.dumps(study([rec]))))
     assert back == rec
     rec["gold_checks"] = {"accuracy": 0.7, "ceiling": 0.8, "easy_share": 0.4}  # tasks with gold
+    rec["samples"] = {"sft": [["a prompt", " a response"]]}
     assert seed_record(json.loads(json.dumps(study([rec])))) == rec
 
 
@@ -207,6 +208,9 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     checks = results["gold_checks"]
     assert len(checks) == 2 and all(0 < c["ceiling"] <= 1 and 0 <= c["easy_share"] <= 1 for c in checks)
     assert f"| 6 | {checks[1]['accuracy']:.3f} | {checks[1]['ceiling']:.3f} |" in text
+    # and the first seed's samples, as its own report shows them
+    samples = (out / "seed_5" / "report.md").read_text().split("## Samples\n")[1].split("## ")[0]
+    assert "## Samples (seed 5)\n" + samples in text and samples.count("**") == 2 * len(names)
     # Each seed is a run folder of its own; the task data is the first seed's in both.
     seeds = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (5, 6)]
     assert [r["methods"]["mpo"]["gold"]["per_seed"][0] for r in seeds] == results["methods"]["mpo"]["gold"]["per_seed"]
@@ -243,7 +247,7 @@ def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(t
     dpo_all = weights["0.5"]["dpo_all"], weights["2"]["dpo_all"]
     assert not all(torch.equal(dpo_all[0][k], dpo_all[1][k]) for k in dpo_all[0])  # another beta, another model
     sweep = json.loads((out / "sweep.json").read_text())
-    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims", "gold_checks"} for r in sweep.values())
+    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims", "gold_checks", "samples"} for r in sweep.values())
     text = (out / "report.md").read_text()
     assert "| model | x0.5 | x2 |" in text and "| mpo_beats_dpo_all |" in text
     assert (out / "frontier.png").stat().st_size > 1000
