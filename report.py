@@ -370,7 +370,7 @@ def plot_overoptimisation(path, folders) -> bool:
 def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     """out/results.json and out/report.md of a study over seeds: the claims first, then every
     model's metrics (mean and 95 % interval over seeds) and compute, each seed's RM against gold
-    where the task has it; each seed's own report is linked."""
+    where the task has it, the first seed's samples; each seed's own report is linked."""
     atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
     n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
