@@ -8,8 +8,8 @@ model and random tokens.
     python bench.py --n-layer 12 --n-head 12 --n-embd 768 --device cuda --compile   # GPT-2 small
     python bench.py --n-layer 36 --n-head 20 --n-embd 1280 --device cuda --grad-checkpoint --batch 4
 
-The last runs the gpt2-large shape. SPEED.md has the numbers measured on this project's machine,
-the comparison with TRL / transformers, and what made the difference.
+The last runs the gpt2-large shape. docs/speed.md has the numbers measured on this project's
+machine, the comparison with TRL / transformers, and what made the difference.
 
 Prints one JSON line per benchmark (name, tokens_per_s, mfu, peak_mem_mb, device, dtype, ...), after
 a line with the machine's matmul peak in that dtype: GFLOP/s of a large matmul. Each --dtype runs
@@ -24,8 +24,8 @@ token, under 10% at these sizes) are not counted. Each benchmark runs --warmup u
 then reports the median of --iters timed ones. peak_mem_mb is the peak GPU memory allocated on CUDA;
 on CPU it is the process's peak resident memory (VmHWM, reset before each benchmark), of which
 runtime_mem_mb (the resident size before any model was built: the torch runtime) is not the step's.
-Training steps also print est_mem_mb, train.memory_estimate's figure for the step, which mpo.py
-prints at start.
+Training steps also print est_mem_mb, lab.estimates.memory_estimate's figure for the step, which
+mpo.py prints at start.
 """
 import argparse
 import copy
@@ -38,10 +38,13 @@ import torch
 
 from data import collate_pairs, collate_sft
 from dpo import DPOConfig, dpo_step_loss
-from model import GPT, GPTConfig, ScalarModel, keep_freed_memory
+from lab.devices import autocast, pick_device, to_device
+from lab.estimates import memory_estimate
+from lab.speed import keep_freed_memory
+from model import GPT, GPTConfig, ScalarModel
 from mpo import RMConfig, SFTConfig, reward_model_loss, sft_loss
 from ppo import Models, PPOConfig, gae, optimizers, ppo_update, rollout, shape_rewards
-from train import adamw, autocast, memory_estimate, pick_device, to_device
+from train import adamw
 
 
 def sync(device):
@@ -115,7 +118,7 @@ def main():
                         "(default: fp32, and bf16 where the hardware is fast at it)")
     p.add_argument("--only", nargs="*", help="run only these benchmarks (names as printed)")
     args = p.parse_args()
-    keep_freed_memory()  # glibc malloc reuses freed logits-sized blocks (model.py)
+    keep_freed_memory()  # glibc malloc reuses freed logits-sized blocks (lab/speed.py)
     device = pick_device(args.device)
     for dtype in args.dtype or (["fp32", "bf16"] if fast_bf16(device) else ["fp32"]):
         run_benchmarks(args, device, dtype)

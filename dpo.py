@@ -1,22 +1,23 @@
 """Direct Preference Optimization (Rafailov et al. 2023): the loss, response log-probs, and the DPO
 stage.
 
-MPO's stage 1 runs DPO on the "easy" pairs, policy and reference both starting from the SFT model.
-As in the reference implementation (Rafailov, Mitchell et al.): chosen and rejected rows go through
-one concatenated forward; a response's log-prob is the SUM of its token log-probs (prompt and pads
-masked, the appended EOS included); the reference is frozen. With h the difference of log-ratios,
+MPO's stage 1 runs DPO on the "easy" pairs, policy and reference both starting from the SFT model
+(Gou & Nguyen 2024: the first of the two stages). As in the reference implementation (Rafailov,
+Mitchell et al.): chosen and rejected rows go through one concatenated forward; a response's
+log-prob is the SUM of its token log-probs (prompt and pads masked, the appended EOS included); the
+reference is frozen. With h the difference of log-ratios,
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
-    DPO:   -log sigmoid(beta h)
-    cDPO:  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (label smoothing eps)
-    IPO:   (h - 1/(2 beta))^2
+    DPO:   -log sigmoid(beta h)                                   (Rafailov et al. 2023, eq. 7)
+    cDPO:  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Mitchell 2023; eps: noise)
+    IPO:   (h - 1/(2 beta))^2                                     (Azar et al. 2023, eq. 17)
 
     from dpo import DPOConfig, dpo
     policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
 
-`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset.
-The file reads in that order: the loss, the log-prob readout, the stage; last, the fast log-prob
-kernel the readout runs on (TokenLogps, equal to log_softmax + gather, with less memory).
+`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset. The
+lab keeps the fast log-prob kernel (lab/speed.py: the same numbers as log_softmax + gather, with
+less memory) and the batching of the reference pass, sharded under torchrun (lab/devices.py).
 Tests: python -m pytest -q tests/test_dpo.py
 """
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs
-from train import TrainConfig, autocast, pick_device, progress, shard, to_device, train, unshard
+from lab.devices import map_batches, pick_device
+from lab.speed import token_logps as fast_token_logps
+from train import TrainConfig, train
 
 
 @dataclass
@@ -45,7 +48,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              label_smoothing=0.0, loss_type="sigmoid"):
     """Per-pair losses and implicit rewards beta * (log pi - log ref), detached; each (B,)."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    if loss_type == "sigmoid":  # Bradley-Terry on implicit rewards; eps > 0 is conservative DPO
+    if loss_type == "sigmoid":  # eq. 7: Bradley-Terry on implicit rewards; eps > 0 is cDPO
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
                   - label_smoothing * F.logsigmoid(-beta * h))
     elif loss_type == "ipo":  # Azar et al. 2023, eq. 17
@@ -56,6 +59,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def token_logps(logits, tokens):
+    """log p(token) (B, T) of each token under the logits (B, T, V) at its own position, in fp32
+    (bf16 log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs.
+    In plain form: F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1);
+    lab/speed.py computes the same numbers keeping one vocabulary-sized buffer instead of four."""
+    return fast_token_logps(logits, tokens)
 
 
 def response_logps(model, batch):
@@ -71,21 +82,15 @@ def response_logps(model, batch):
     return (token_logps(logits, tokens[:, start + 1:]) * mask[:, start + 1:]).sum(-1)
 
 
-@torch.no_grad()
 def with_ref_logps(ref, pairs, cfg: DPOConfig, name="dpo"):
     """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once
     in batches of cfg.batch_size, so training needs no reference forward (TRL's
-    precompute_ref_log_probs). Under torchrun each rank computes a shard and every rank gets them
-    all."""
-    batch_size, device = cfg.batch_size, pick_device(cfg.device)
-    out, mine = [], shard(pairs)
-    for i in progress(range(0, len(mine), batch_size), f"{name}: reference log-probs"):
-        chunk = mine[i:i + batch_size]
-        with autocast(device, cfg.dtype):
-            logps = response_logps(ref, to_device(collate_pairs(chunk), device)).float().tolist()
-        chosen, rejected = logps[:len(chunk)], logps[len(chunk):]
-        out += [(*pair, c, r) for pair, c, r in zip(chunk, chosen, rejected)]
-    return unshard(out)
+    precompute_ref_log_probs)."""
+    logps = map_batches(response_logps, ref, pairs, collate_pairs, cfg.batch_size,
+                        pick_device(cfg.device), cfg.dtype, f"{name}: reference log-probs")
+    chosen, rejected = zip(*(b.chunk(2) for b in logps))  # collate_pairs: chosen rows first
+    return [(*pair, c, r) for pair, c, r in
+            zip(pairs, torch.cat(chosen).tolist(), torch.cat(rejected).tolist())]
 
 
 def collate_with_ref(rows):
@@ -138,34 +143,3 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo
     metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, stage, collate,
                     key_metric="rewards/accuracies")
     return policy, metrics
-
-
-# The speed: token log-probs with less memory than autograd's, the same numbers.
-
-def token_logps(logits, tokens):
-    """Log-prob (B, T) of each token under the logits (B, T, V) at its own position, in fp32 (bf16
-    log-probs of long responses are too coarse, TRL #878). Also PPO's per-token log-probs. Equal to
-    the reference `F.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)`, computed
-    by TokenLogps with one vocabulary-sized buffer instead of several."""
-    return TokenLogps.apply(logits.float(), tokens)
-
-
-class TokenLogps(torch.autograd.Function):
-    """log p = logit[target] - logsumexp(logits), with its backward written out: the gradient
-    (onehot(target) - softmax(logits)) * grad, built in place in one (B, T, V) buffer. Autograd's
-    own backward (logsumexp's and gather's, then their sum) fills four; at a 50k vocabulary this
-    made the log-probs' forward + backward 1.6x faster, with identical numbers (bench.py
-    dpo_step)."""
-
-    @staticmethod
-    def forward(ctx, logits, tokens):
-        lse = torch.logsumexp(logits, dim=-1)  # unlike log_softmax, no second (B, T, V) tensor
-        ctx.save_for_backward(logits, tokens, lse)
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, tokens, lse = ctx.saved_tensors
-        grad = grad.unsqueeze(-1)
-        grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad)  # -softmax * grad
-        return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad), None

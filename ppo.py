@@ -54,9 +54,12 @@ import torch.nn as nn
 
 from data import collate_prompts, decode_text
 from dpo import token_logps
+from lab.devices import (all_reduce_mean, autocast, average_gradients, mean_over_ranks,
+                         pick_device, rank, shard, sum_over_ranks, world_size)
+from lab.progress import progress
+from lab.stage import StageRun
 from model import response_mask
-from train import (StageRun, all_reduce_mean, autocast, load_weights, lr_at, mean_over_ranks,
-                   pick_device, progress, rank, shard, sum_over_ranks, world_size)
+from train import lr_at
 
 
 @dataclass
@@ -122,6 +125,14 @@ class Models:
             # the copy would be trained, or the original frozen
             raise ValueError("ppo: pass copies: ref = copy.deepcopy(policy), "
                              "critic = copy.deepcopy(reward_model)")
+
+    def prepare(self, device):
+        """All four on the device in eval mode, for good: no dropout, also while training, so the
+        first ratio is exactly 1 (detail 1). The reference and the RM frozen."""
+        for model in (self.policy, self.ref, self.reward_model, self.critic):
+            model.to(device).eval()
+        self.ref.requires_grad_(False)
+        self.reward_model.requires_grad_(False)
 
 
 @dataclass
@@ -313,10 +324,7 @@ def ppo_update(models, opts, ro, cfg, generator):
                         sums[k] += float((v * m).sum())
             n_all += float(n_tokens)
             for model, opt in zip((policy, critic), opts):
-                if world_size() > 1:  # data parallel: every rank steps with the mean gradient
-                    for p in model.parameters():
-                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                        p.grad = all_reduce_mean(grad)
+                average_gradients(model)  # under torchrun: every rank steps with the mean gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -365,121 +373,97 @@ def decode(tok, prompt_ids, ro):
             for p, r, m in zip(prompt_ids, ro.responses, ro.mask)]
 
 
+def pick_prompts(prompts, it, per_pass, cfg) -> tuple[list, int]:
+    """Iteration `it`'s share of a pass over the prompts (each pass in a new order), each
+    samples_per_prompt times, and their number. Under torchrun each rank samples its share (a rank
+    left with none takes the first prompt: every rank must join each gradient all-reduce)."""
+    epoch, k = divmod(it, per_pass)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    picked = order.tolist()[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+    batch = [prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
+    return batch[rank()::world_size()] or batch[:1], len(batch)
+
+
+def rollout_stats(ro, rewards, mask, kl_coef, pairs, gold_reward=None) -> dict:
+    """What an iteration logs about its rollout: mean score, RLHF reward, KL to the reference (k1,
+    per response), length, share ending with EOS, the critic's explained variance, and the mean
+    gold reward of the decoded (prompt, response) `pairs` when the task has one."""
+    unexplained = masked_var(ro.returns - ro.values, mask)
+    gold = {"gold": sum(gold_reward(p, r) for p, r in pairs) / len(pairs)} if gold_reward else {}
+    return {"score": float(ro.scores.mean()),
+            "rlhf_reward": float(rewards.sum(1).mean()),
+            "kl": float(((ro.logp - ro.ref_logp) * mask).sum(1).mean()),
+            "kl_coef": kl_coef,
+            "response_len": float(mask.sum(1).mean()),
+            "eos_frac": float(ro.has_eos.float().mean()),
+            "explained_variance":
+                1 - float(unexplained / masked_var(ro.returns, mask).clamp(min=1e-8)),
+            **gold}
+
+
 def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None, gold_reward=None,
         stage="ppo"):
-    """Train `models.policy` with PPO on `prompts` (token-id lists from data.encode_dataset) against
-    the frozen reference and reward model; the critic is trained alongside. `gold_reward(prompt,
-    response)`, when the task has one, is logged beside the RM score. Returns (policy, metrics).
-    Calling it again with the same out_dir resumes from the last checkpoint, or only loads the final
-    weights when the stage had finished. `stage` names the checkpoint and the log lines (the PPO
-    baseline and MPO's PPO stage can share an out_dir)."""
+    """Train `models.policy` with PPO on `prompts` (token-id lists) against the frozen reference
+    and RM, the critic alongside; returns (policy, metrics). `gold_reward`, when the task has one,
+    is logged beside the RM score. Rerun with the same out_dir, it resumes (lab/stage.py)."""
     if cfg.temperature <= 0:
-        raise ValueError("ppo: temperature must be > 0 (PPO needs a sampling policy), got "
-                         f"{cfg.temperature}")
-    policy, critic = models.policy, models.critic
-    device = pick_device(cfg.device)
-    # evaluations on the first cfg.eval_prompts: a small fraction of the cost
-    eval_prompts = eval_prompts and eval_prompts[:cfg.eval_prompts or None]
-    for model in (policy, models.ref, models.reward_model, critic):
-        model.to(device).eval()  # detail 1: eval mode (no dropout) for good, training included
-    models.ref.requires_grad_(False)
-    models.reward_model.requires_grad_(False)
+        raise ValueError(f"ppo: temperature must be > 0 (PPO samples), got {cfg.temperature}")
+    policy, critic, device = models.policy, models.critic, pick_device(cfg.device)
+    eval_prompts = eval_prompts and eval_prompts[:cfg.eval_prompts or None]  # a fraction of cost
+    models.prepare(device)
     opt_pi, opt_v = optimizers(models, cfg, device)
     per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
     total = cfg.max_iterations or cfg.passes * per_pass
-    stage_run = StageRun(out_dir, stage, total, unit="iteration", rewrite=False)
-    it, ckpt = stage_run.resume(policy=policy)
-    if stage_run.finished:
-        return policy, stage_run.result
-    kl_coef = cfg.kl_coef
-    if ckpt:
-        load_weights(critic, ckpt["critic"], stage_run.ckpt_path)
-        opt_pi.load_state_dict(ckpt["opt_pi"])
-        opt_v.load_state_dict(ckpt["opt_v"])
-        kl_coef = ckpt["kl_coef"]
+    run = StageRun(out_dir, stage, total, unit="iteration", rewrite=False)
+    it, ckpt = run.resume(policy=policy, critic=critic, opt_pi=opt_pi, opt_v=opt_v)
+    if run.finished:
+        return policy, run.result
+    kl_coef = ckpt["kl_coef"] if ckpt else cfg.kl_coef
 
-    def run_eval():
-        m = eval_policy(models, eval_prompts, tok, cfg, gold_reward, f"{stage} eval")
-        shown = " ".join(f"{k} {v:.3f}" for k, v in m.items())
-        stage_run.log(it, "eval", m, f"{stage} eval iteration {it}: {shown}")
+    def evaluate():  # the held-out prompts, with the same random draws every time
+        metrics = eval_policy(models, eval_prompts, tok, cfg, gold_reward, f"{stage} eval")
+        run.log_eval(it, metrics, digits=3)
 
     if it == 0 and eval_prompts:
-        run_eval()
-    stage_run.start_clock(it)
+        evaluate()
+    run.start_clock(it)
     while it < total:
-        # Pick prompts: this iteration's share of the pass (each pass in a new order), with
-        # samples_per_prompt responses each. Under torchrun each rank samples its share (a rank
-        # left with none takes the first prompt: every rank must join each gradient all-reduce).
-        epoch, k = divmod(it, per_pass)
-        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(prompts), generator=shuffle).tolist()
-        picked = order[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
-        batch = [prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
-        prompt_ids = batch[rank()::world_size()] or batch[:1]
-        for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(it, cfg, total, lr)
-
-        # Rollout. Every random draw comes from generators seeded by (seed, iteration): a
+        prompt_ids, n = pick_prompts(prompts, it, per_pass, cfg)
+        for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):  # detail 15
+            opt.param_groups[0]["lr"] = lr_at(it, cfg, total, lr)
+        # 1. Rollout. Every random draw comes from generators seeded by (seed, iteration): a
         # checkpoint needs no RNG state.
-        start = time.time()
-        seed = cfg.seed * 1_000_003 + it + rank() * 100003
+        start, seed = time.time(), cfg.seed * 1_000_003 + it + rank() * 100003
         generator = torch.Generator(device).manual_seed(seed)
         ro = rollout(models, prompt_ids, tok.eot_token, cfg, generator)
-
-        # Rewards: the per-token KL penalty, plus the score on the last token (details 7-9).
+        # 2. Rewards: the per-token KL penalty, plus the score on the last token (details 7-9).
         mask = ro.mask.float()
         rewards, _ = shape_rewards(ro.scores, ro.has_eos, ro.logp, ro.ref_logp, mask, kl_coef, cfg)
-
-        # GAE: advantages and returns (details 11, 12).
+        # 3. GAE: advantages and returns (details 11, 12).
         shaped = masked_whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards
         advantages, ro.returns = gae(shaped, ro.values, mask, cfg.gamma, cfg.lam)
         ro.advantages = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
         scored = time.time()
-
-        # Update: PPO epochs on this batch (details 13-15).
+        # 4. Update: PPO epochs on this batch (details 13-15).
         shuffle = torch.Generator().manual_seed(cfg.seed + it)
         stats = ppo_update(models, (opt_pi, opt_v), ro, cfg, shuffle)
         stats |= {"generate_s": ro.generate_s, "rollout_s": scored - start,
                   "update_s": time.time() - scored}
-
-        # Log; adapt the KL coefficient; evaluate; checkpoint.
+        # 5. Log; adapt the KL coefficient (Ziegler et al. 2019); evaluate; checkpoint.
         pairs = decode(tok, prompt_ids, ro)
-        unexplained = masked_var(ro.returns - ro.values, mask)
-        explained_variance = 1 - float(unexplained / masked_var(ro.returns, mask).clamp(min=1e-8))
-        stats |= {"score": float(ro.scores.mean()),
-                  "rlhf_reward": float(rewards.sum(1).mean()),
-                  "kl": float(((ro.logp - ro.ref_logp) * mask).sum(1).mean()),  # k1, per response
-                  "kl_coef": kl_coef,
-                  "response_len": float(mask.sum(1).mean()),
-                  "eos_frac": float(ro.has_eos.float().mean()),
-                  "explained_variance": explained_variance}
-        if gold_reward:
-            stats["gold"] = sum(gold_reward(p, r) for p, r in pairs) / len(pairs)
-        stats = mean_over_ranks(stats)
-        stage_run.stop_if_not_finite(it, stats)
+        stats = mean_over_ranks(stats | rollout_stats(ro, rewards, mask, kl_coef, pairs,
+                                                      gold_reward))
+        run.stop_if_not_finite(it, stats)
         if cfg.kl_target > 0:
-            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], len(batch), cfg)
+            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], n, cfg)
         it += 1
-        # The stage's compute, all ranks: policy optimizer steps, real tokens through the policy's
-        # forward + backward (every PPO epoch) and responses sampled.
-        spent = sum_over_ranks({"tokens": float(ro.attn.sum()) * cfg.ppo_epochs,
-                                "samples": len(prompt_ids)})
-        stage_run.count(steps=cfg.ppo_epochs * cfg.num_minibatches, tokens=int(spent["tokens"]),
-                        samples=int(spent["samples"]))
+        run.count(steps=cfg.ppo_epochs * cfg.num_minibatches,  # the stage's compute
+                  tokens=float(ro.attn.sum()) * cfg.ppo_epochs, samples=len(prompt_ids))
         if it % cfg.log_every == 0 or it == total:
-            samples = [{"prompt": p, "response": r, "score": float(s)}
-                       for (p, r), s in zip(pairs[:cfg.num_samples], ro.scores)]
-            gold = f" | gold {stats['gold']:.3f}" if gold_reward else ""
-            line = (f"{stage_run.status(it)} | score {stats['score']:.3f}{gold}"
-                    f" | kl {stats['kl']:.3f} | len {stats['response_len']:.1f}"
-                    f" | eos {stats['eos_frac']:.2f} | clipfrac {stats['clipfrac']:.3f}"
-                    f" | rollout {stats['rollout_s']:.2f}s update {stats['update_s']:.2f}s")
-            stage_run.log(it, "train", stats, line, samples)
+            run.log_iteration(it, stats, pairs[:cfg.num_samples], ro.scores)
         if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
-            run_eval()
+            evaluate()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < total:
-            stage_run.save(it, {"policy": policy.state_dict(), "critic": critic.state_dict(),
-                                "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
-                                "kl_coef": kl_coef})
-    return policy, stage_run.finish(it, {"policy": policy.state_dict()})
+            run.save(it, rng=False, policy=policy, critic=critic, opt_pi=opt_pi, opt_v=opt_v,
+                     kl_coef=kl_coef)
+    return policy, run.finish(it, {"policy": policy.state_dict()})

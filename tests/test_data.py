@@ -21,7 +21,8 @@ import torch
 import data
 from data import DataError, Pair
 from helpers import encode  # one pair cut as data.encode_dataset cuts every row
-from model import download_file
+from lab import readers
+from lab.weights import download_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 A = "\n\nAssistant:"
@@ -229,10 +230,10 @@ def test_download_once_and_size_check(tmp_path, server, monkeypatch):
     base, files, hits = server
     body = gzip.compress((GOOD_HH + "\n").encode())
     files["/helpful-base/test.jsonl.gz"] = body
-    monkeypatch.setattr(data, "HH_URL", base + "/{subset}/{split}.jsonl.gz")
-    path = data.download_hh_rlhf("helpful-base", "test", cache_dir=tmp_path)
+    monkeypatch.setattr(readers, "HH_URL", base + "/{subset}/{split}.jsonl.gz")
+    path = readers.download_hh_rlhf("helpful-base", "test", cache_dir=tmp_path)
     assert path == tmp_path / "hh-rlhf" / "helpful-base" / "test.jsonl.gz" and path.read_bytes() == body
-    assert data.download_hh_rlhf("helpful-base", "test", cache_dir=tmp_path) == path and len(hits) == 1
+    assert readers.download_hh_rlhf("helpful-base", "test", cache_dir=tmp_path) == path and len(hits) == 1
     assert data.read_hh_rlhf(path) == [Pair("\n\nHuman: q" + A, " a", " b")]
 
     files["/short/x.json"] = b"0123456789"
@@ -243,7 +244,7 @@ def test_download_once_and_size_check(tmp_path, server, monkeypatch):
         download_file(base + "/missing.json", tmp_path / "dl" / "missing.json", "hint")
     assert list((tmp_path / "dl").iterdir()) == []
     with pytest.raises(ValueError, match="helpful-online"):
-        data.download_hh_rlhf("helpful", "test", cache_dir=tmp_path)
+        readers.download_hh_rlhf("helpful", "test", cache_dir=tmp_path)
 
 
 def test_download_offline_error_and_data_dir(tmp_path, monkeypatch):
@@ -251,16 +252,16 @@ def test_download_offline_error_and_data_dir(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setenv("MPO_CACHE", str(tmp_path / "cache"))
-    assert data.default_cache_dir() == tmp_path / "cache" / "data"
+    assert readers.default_cache_dir() == tmp_path / "cache" / "data"
     with pytest.raises(RuntimeError) as e:
-        data.download_tldr_comparisons(3)
+        readers.download_tldr_comparisons(3)
     msg, target = str(e.value), tmp_path / "cache" / "data" / "tldr" / "comparisons" / "batch3.json"
-    assert "\n" not in msg and data.TLDR_COMPARISONS_URL.format(batch=3) in msg and str(target) in msg
+    assert "\n" not in msg and readers.TLDR_COMPARISONS_URL.format(batch=3) in msg and str(target) in msg
     assert not target.exists()
     local = tmp_path / "mine" / "tldr" / "tldr_3_filtered" / "test.jsonl"
     local.parent.mkdir(parents=True)
     local.write_text("")
-    assert data.download_tldr_sft("test", data_dir=tmp_path / "mine") == local
+    assert readers.download_tldr_sft("test", data_dir=tmp_path / "mine") == local
 
 
 def test_encode_truncation_sides_and_eos():

@@ -24,7 +24,7 @@ from data import get_tokenizer
 from dpo import DPOConfig, dpo
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, masked_whiten, ppo
-from train import is_main, rank, setup_distributed, world_size
+from lab.devices import is_main, rank, setup_distributed, world_size
 
 setup_distributed()
 torch.manual_seed(0)

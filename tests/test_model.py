@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model
+from lab import weights
 from model import GPT, GPTConfig, ScalarModel, response_mask, sample
 
 TINY_HF = Path(__file__).resolve().parents[2] / "shared/data/tiny-gpt2-hf"
@@ -208,7 +209,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_ctx"] == config["n_positions"] == 64
-    stored = model.read_safetensors(tmp_path / "model.safetensors")
+    stored = weights.read_safetensors(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in stored and all(k.startswith("transformer.") for k in stored)
     assert stored["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout (in, out)
     loaded = GPT.from_pretrained(tmp_path)
@@ -228,7 +229,7 @@ def test_reads_half_precision_safetensors(tmp_path, dtype):
 def test_keys_without_prefix_and_pytorch_model_bin(tmp_path):
     m = tiny()
     m.save_pretrained(tmp_path)
-    model.write_safetensors(hf_layout(m, prefix=False), tmp_path / "model.safetensors")
+    weights.write_safetensors(hf_layout(m, prefix=False), tmp_path / "model.safetensors")
     assert_same_weights(m, GPT.from_pretrained(tmp_path))
     (tmp_path / "model.safetensors").unlink()
     state = hf_layout(m, prefix=False)
@@ -286,7 +287,7 @@ def test_hub_download_is_cached_size_checked_and_fails_offline_in_one_line(tmp_p
         requested.append(url)
         return FakeResponse((tmp_path / "served" / url.rsplit("/", 1)[1]).read_bytes())
 
-    monkeypatch.setattr(model.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", urlopen)
     monkeypatch.setenv("MPO_CACHE", str(tmp_path / "cache"))
     loaded = GPT.from_pretrained("gpt2-medium")
     assert requested == [f"https://huggingface.co/gpt2-medium/resolve/main/{f}"
@@ -301,7 +302,7 @@ def test_hub_download_is_cached_size_checked_and_fails_offline_in_one_line(tmp_p
         data = (tmp_path / "served" / url.rsplit("/", 1)[1]).read_bytes()
         return FakeResponse(data[:100], length=len(data))
 
-    monkeypatch.setattr(model.urllib.request, "urlopen", truncated)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", truncated)
     with pytest.raises(RuntimeError, match="downloaded 100 of"):
         GPT.from_pretrained("gpt2", cache_dir=tmp_path / "other")
     assert list((tmp_path / "other/gpt2").iterdir()) == []  # nothing half-written is left behind
@@ -309,7 +310,7 @@ def test_hub_download_is_cached_size_checked_and_fails_offline_in_one_line(tmp_p
     def offline(url, timeout=None):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(model.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", offline)
     with pytest.raises(RuntimeError) as e:
         GPT.from_pretrained("gpt2-xl", cache_dir=tmp_path / "other")
     message = str(e.value)
@@ -362,7 +363,7 @@ def test_tiny_hf_checkpoint(tmp_path):
     assert logits.shape == (2, 8, 50257) and logits.isfinite().all()
     m.save_pretrained(tmp_path)
     assert torch.equal(GPT.from_pretrained(tmp_path)(idx), logits)
-    original, ours = (model.read_safetensors(d / "model.safetensors") for d in (TINY_HF, tmp_path))
+    original, ours = (weights.read_safetensors(d / "model.safetensors") for d in (TINY_HF, tmp_path))
     assert original.keys() == ours.keys() and all(torch.equal(original[k], ours[k]) for k in original)
 
 

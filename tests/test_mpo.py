@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from mpo import DEMO, SplitConfig, parse_args, run_pipeline, split_by_reward_gap, split_pairs
+from lab.cli import DEMO
+from lab.pipeline import run_pipeline, split_pairs
+from mpo import SplitConfig, parse_args, split_by_reward_gap
 from data import get_tokenizer
 
 
@@ -90,7 +92,8 @@ def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory
 
 
 def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
-    from mpo import Data, EvalConfig, RunConfig, compare_to_sft
+    from lab.pipeline import Data, RunConfig
+    from mpo import EvalConfig, compare_to_sft
     from model import GPT, GPTConfig, ScalarModel
     torch.manual_seed(0)
     tok = get_tokenizer("byte")
@@ -113,7 +116,8 @@ def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
 
 
 def test_author_defaults_by_dataset_and_resampled_pairs_per_row():
-    from mpo import RunConfig, make_pairs
+    from lab.pipeline import RunConfig
+    from mpo import make_pairs
     from model import GPT, GPTConfig, ScalarModel
     hh, tldr = parse_args(["--dataset", "hh-rlhf"]), parse_args(["--dataset", "tldr"])
     assert hh["split"].delta == 1.0 and tldr["split"].delta == 2.0  # author: 1 on HH-RLHF, 2 on TL;DR

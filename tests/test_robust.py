@@ -16,10 +16,13 @@ import pytest
 import torch
 
 import mpo
-from data import MAX_LINE, DataError, get_tokenizer, read_jsonl
-from model import GPT, GPTConfig, ScalarModel, read_safetensors
+from data import get_tokenizer
+from lab.readers import MAX_LINE, DataError, read_jsonl
+from lab.weights import read_safetensors
+from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
-from train import TrainConfig, atomic_save, train
+from lab.checkpoints import atomic_save
+from train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo task with a 1-layer GPT: SFT and the RM checkpoint every 5 steps; no DPO / PPO baselines; one run
@@ -375,7 +378,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
                                                                                                   capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; sys.path.insert(0, "
-                               f"{str(REPO)!r}); import runs; runs.lock_run_folder(Path({str(out)!r})); "
+                               f"{str(REPO)!r}); from lab import runs; runs.lock_run_folder(Path({str(out)!r})); "
                                "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -388,7 +391,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_dead_ho
         holder.kill()
         holder.wait()
     assert (out / ".lock").read_text() == f"{holder.pid}\n"  # a killed holder leaves its pid, but no lock
-    import runs
+    from lab import runs
     runs.lock_run_folder(out)
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     runs.release_run_folders()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from data import DemoConfig, collate_pairs, collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
-from mpo import (RMConfig, SFTConfig, accuracy_by_gap, batch_scores, bradley_terry_loss, score_batch,
-                 score_pairs, sft, sft_loss, train_reward_model)
+from lab.rm import accuracy_by_gap, batch_scores, score_batch, score_pairs
+from mpo import RMConfig, SFTConfig, bradley_terry_loss, sft, sft_loss, train_reward_model
 
 # The demo-task model of the learning tests: the smallest GPT that spells the demo's words well after a
 # few hundred steps (2 layers of 64 need twice the steps for the same eval loss).

@@ -12,7 +12,9 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
-from report import T975, paired, seed_record, study, summary, t975, verdict, write_study
+from lab.results import T975, paired, seed_record, study, summary, t975, verdict, write_study
+from lab.rm import accuracy_by_gap_quartile
+from lab.study import matched_budget
 from train import TrainConfig, train
 
 
@@ -126,7 +128,7 @@ def test_study_report_gives_each_seeds_rm_against_gold(tmp_path):
 
 def test_accuracy_by_gap_quartile_splits_by_rank():
     gaps = torch.tensor([0.1, -0.2, 0.3, 0.4, -1.0, 2.0, 3.0, -4.0])  # |gap| order: two pairs per quartile
-    q = mpo.accuracy_by_gap_quartile(gaps)
+    q = accuracy_by_gap_quartile(gaps)
     assert list(q) == ["q1", "q2", "q3", "q4"] and all(b["pairs"] == 2 for b in q.values())
     assert [b["accuracy"] for b in q.values()] == [0.5, 1.0, 0.5, 0.5]
     assert (q["q1"]["low"], q["q4"]["high"]) == pytest.approx((0.1, 4.0))
@@ -156,12 +158,12 @@ def test_train_and_ppo_count_their_compute(tmp_path):
 
 def test_matched_budget_gives_every_method_the_same_optimizer_steps():
     cfgs = mpo.parse_args(["--ppo.ppo_epochs", "4", "--ppo.num_minibatches", "2"])  # 8 steps a PPO iteration
-    both, dpo_only, ppo_only = (mpo.matched_budget(cfgs, 64, e, h) for e, h in ((1, 1), (1, 0), (0, 1)))
+    both, dpo_only, ppo_only = (matched_budget(cfgs, 64, e, h) for e, h in ((1, 1), (1, 0), (0, 1)))
     assert (both["dpo"].max_steps, both["ppo"].max_iterations) == (32, 4)  # MPO: 32 + 4 x 8
     assert dpo_only["dpo"].max_steps == 64 and ppo_only["ppo"].max_iterations == 8
-    odd = mpo.matched_budget(cfgs, 60, True, True)  # 30 DPO steps, 30 / 8 -> 4 iterations (32 steps)
+    odd = matched_budget(cfgs, 60, True, True)  # 30 DPO steps, 30 / 8 -> 4 iterations (32 steps)
     assert (odd["dpo"].max_steps, odd["ppo"].max_iterations) == (30, 4)
-    assert mpo.matched_budget(cfgs, 3, False, True)["ppo"].max_iterations == 1  # at least one iteration
+    assert matched_budget(cfgs, 3, False, True)["ppo"].max_iterations == 1  # at least one iteration
     assert cfgs["dpo"].max_steps == 0 and cfgs["ppo"].max_iterations == 0  # a copy: the run's configs unchanged
 
 

@@ -7,8 +7,11 @@ import math
 import pytest
 
 import data
-from data import DataError, Pair, get_tokenizer, load_gold_reward, load_task
-from mpo import DEMO, parse_args, run_pipeline
+from data import DataError, Pair, get_tokenizer, load_task
+from lab.readers import load_gold_reward
+from lab.cli import DEMO
+from lab.pipeline import run_pipeline
+from mpo import parse_args
 
 TRAIN = [{"prompt": "Q: 1+1?", "chosen": " 2", "rejected": " 3"},
          {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"},

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from train import TrainConfig, autocast, lr_at, memory_estimate, train
+from lab.devices import autocast
+from lab.estimates import memory_estimate
+from train import TrainConfig, lr_at, train
 
 
 def rows(n=64, seed=0):
@@ -146,7 +148,7 @@ def test_dtype_flag_turns_cpu_autocast_on_and_off():
 
 
 def test_progress_rate_reads_for_slow_steps_and_long_phases_print(capsys):
-    from train import progress, rate_eta
+    from lab.progress import progress, rate_eta
     assert rate_eta(3, 10, 1.5) == "2.00 it/s | ETA 0:00:04"
     assert rate_eta(2, 10, 50.0) == "25.0 s/it | ETA 0:03:20"  # never "0.04 it/s"
     assert list(progress(range(3), "phase", every=0.0)) == [0, 1, 2]
@@ -163,7 +165,7 @@ def test_the_plan_counts_the_steps_train_takes(tmp_path, n, kw):
 
 
 def test_time_probe_leaves_the_model_as_it_was():
-    from train import time_probe
+    from lab.estimates import time_probe
     model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     times = time_probe(model, 2, 16, (3, 5), torch.device("cpu"), "auto")

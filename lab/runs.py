@@ -1,34 +1,27 @@
-"""Run folders: the plumbing under mpo.py's pipeline, so that mpo.py can read as the method.
+"""Run folders: the plumbing under mpo.mpo, so that mpo.py can read as the method.
 
 A run folder (--out) holds one run: a folder per stage with its final weights, metrics and the
-settings it was made with. `Stages.run` runs a stage once and loads it on a rerun (resume); the
+settings it was made with. `Stages.stage` makes a stage once and loads it on a rerun (resume); the
 records (`records`, `plan`) let a rerun with other flags refuse, or with --redo remake, only the
 stages those flags change; `open_run_folder` locks the folder and checks all of that before anything
-under it changes. Then the study's many run folders: one per seed (`run_seeds`) and per
-regularisation strength (`run_sweep`).
+under it changes; the pairs cache keeps the resampled pairs. The study's many run folders (one per
+seed and per regularisation strength) are lab/study.py's.
 """
-import contextlib
-import datetime
 import fcntl
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, replace
-from functools import partial
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from flags import split_variants, sweep_factors
-from model import keep_freed_memory, regular_file
-from report import seed_record, study, write_study, write_sweep
-from train import (atomic_save, autocast_dtype, check_shapes, gather, is_main, load_checkpoint,
-                   load_weights, memory_estimate, optimizer_steps, pick_device, time_probe,
-                   world_size)
+from lab.checkpoints import atomic_save, check_shapes, load_checkpoint, load_weights
+from lab.devices import gather, is_main
+from lab.flags import split_variants
+from lab.weights import regular_file
 
 
 class StopAfter(Exception):
@@ -39,36 +32,47 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C inside a stage, with the stage's name for main's one line."""
 
 
+# The stages in the order a run makes them: --stop_after stops after one of them, or, when this run
+# skips it, where it would have run.
+ORDER = ("sft", "rm", "split", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo", "mpo")
+
+
 class Stages:
-    """The stages of one run folder. `run` makes a stage once: its final weights go to
-    out/name/final.pt and its metrics (wall time included) to out/name/result.json; a rerun with the
-    same out loads them and skips the stage. The stage's settings (`records[name]`, what it depends
-    on) go to out/name/settings.json as it starts. After the stage --stop_after names: StopAfter."""
+    """The stages of one run folder. `stage` makes a stage once: its final weights go to
+    out/name/final.pt and its metrics (wall time included) to out/name/result.json, kept in
+    self.metrics[name]; a rerun with the same out loads them and skips the stage. The stage's
+    settings (`records[name]`, what it depends on) go to out/name/settings.json as it starts. After
+    the stage --stop_after names, or where it would have run: StopAfter."""
 
     def __init__(self, out: Path, records: dict, stop_after: str = ""):
         self.out, self.records, self.stop_after = out, records, stop_after
+        self.metrics = {}
 
-    def run(self, name: str, make, fn):
-        """fn(folder) -> (model, metrics) trains the stage; make() -> an empty model to load it
-        into."""
+    def stage(self, name: str, fn, *args, **kwargs):
+        """fn(*args, out_dir=out/name, **kwargs) -> (model, metrics) trains the stage's model, the
+        first of `args` (of ppo.Models: its policy); on a rerun the saved weights load into it
+        instead. Returns the model, on the CPU."""
+        earlier = ORDER[:ORDER.index(name)] if name in ORDER else ()
+        if self.stop_after in earlier:  # it came before this stage and did not run: skipped
+            self.stop_if_last(self.stop_after, skipped=True)
+        model = getattr(args[0], "policy", args[0])
         folder = self.out / name
         final, result = folder / "final.pt", folder / "result.json"
         if final.exists():
-            model = make()
             load_weights(model, load_checkpoint(final), final)
             try:
-                metrics = json.loads(regular_file(result).read_text())
+                self.metrics[name] = json.loads(regular_file(result).read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f"{result}: cannot read ({' '.join(str(e).split())}); "
                                  f"delete {folder} to redo {name}")
             print(f"{name}: done in an earlier run, loaded {final}")
             self.stop_if_last(name)
-            return model, metrics
+            return model
         folder.mkdir(parents=True, exist_ok=True)
         atomic_save(json.dumps(self.records[name], indent=1).encode(), folder / "settings.json")
         start = time.time()
         try:
-            model, metrics = fn(folder)
+            model, metrics = fn(*args, out_dir=folder, **kwargs)
         except torch.OutOfMemoryError:  # its own message is a page of allocator statistics
             raise RuntimeError(out_of_memory(name)) from None
         except KeyboardInterrupt:
@@ -80,8 +84,9 @@ class Stages:
             for ckpt in folder.glob("*_ckpt.pt"):  # the mid-stage resume point, superseded
                 ckpt.unlink()
         print(f"{name}: finished in {metrics['wall_s']:.0f}s, saved {final}")
+        self.metrics[name] = metrics
         self.stop_if_last(name)
-        return model.cpu(), metrics
+        return model.cpu()
 
     def stop_if_last(self, name: str, skipped=False):
         """StopAfter once the stage --stop_after names is done, or skipped (not in --methods, or one
@@ -297,9 +302,9 @@ def release_run_folders():
 
 
 def remove_leftovers(out: Path):
-    """Delete what runs killed mid-write left under out: model.atomic_write's .<name>.<pid>.tmp
-    files and the folders remove_stale renamed. Call it with the lock held: then no other run writes
-    there."""
+    """Delete what runs killed mid-write left under out: lab.weights.atomic_write's
+    .<name>.<pid>.tmp files and the folders remove_stale renamed. Call it with the lock held: then
+    no other run writes there."""
     for path in sorted(out.rglob(".*.tmp"), key=lambda p: len(p.parts)):
         if re.fullmatch(r"\..+\.\d+\.tmp", path.name) and (path.is_symlink() or path.exists()):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -372,201 +377,3 @@ def load_pairs(cache: Path, mmap=False):
                          "resample")
     parts = [x.tolist() for x in tokens.split(lengths.flatten().tolist())]
     return [tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)], gaps
-
-
-# The lines a run prints as it starts: what it will hold in memory and how long it will take.
-
-def print_memory_estimate(config, cfgs, device):
-    """One line at start: the estimated peak memory of each training stage (train.memory_estimate).
-    SFT and DPO run the LM head from the shortest prompt of a batch on: up to every position. DPO
-    keeps its reference and the RM (from scoring) on the device; PPO trains policy and critic beside
-    the reference and the RM, with the LM head on the response positions only."""
-    R = cfgs["run"].max_response_len
-    seq = cfgs["run"].max_prompt_len + R
-    bf16 = {g: autocast_dtype(device, cfgs[g].dtype) == torch.bfloat16
-            for g in ("sft", "rm", "dpo", "ppo")}
-
-    def estimate(group, rows, **kw):
-        return memory_estimate(config, rows, seq, bf16=bf16[group], **kw)
-
-    sizes = {"sft": estimate("sft", cfgs["sft"].batch_size, head_positions=seq - 1),
-             "rm": estimate("rm", 2 * cfgs["rm"].batch_size, head_positions=0),
-             "dpo": estimate("dpo", 2 * cfgs["dpo"].batch_size, head_positions=seq - 1, frozen=2),
-             "ppo": estimate("ppo", cfgs["ppo"].micro_batch_size, head_positions=R, trained=2,
-                             frozen=2)}
-    dtypes = sorted({"bf16" if b else "fp32" for b in bf16.values()})
-    print(f"memory estimate ({device.type}, {' / '.join(dtypes)}"
-          f"{', activation checkpointing' if config.grad_checkpoint else ''}): "
-          + ", ".join(f"{name} {size['total'] / 2**30:.2f} GiB" for name, size in sizes.items())
-          + " per process (weights, AdamW state, one micro-batch's activations and logits; lower a "
-          "stage's batch_size or add --grad_checkpoint if that is more than the device has)")
-
-
-def print_plan(cfgs, base, sft_rows, pairs, device):
-    """One line at start: each stage's work and a rough time, from a timed forward + backward of one
-    SFT micro-batch of full-length rows and timed decoding steps (train.time_probe) times the work,
-    training scaled by the rows' mean length. MPO's two stages are counted at half the data each, as
-    on HH-RLHF (45,600 easy pairs, 40,712 hard); sampling at the full response length (an upper
-    bound)."""
-    run, split, ppo_cfg, ev = cfgs["run"], cfgs["split"], cfgs["ppo"], cfgs["eval"]
-    R = run.max_response_len
-    seq = run.max_prompt_len + run.max_response_len
-    bs = cfgs["sft"].batch_size
-    ppo_rows = ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt
-    t = time_probe(base, bs, seq, (split.batch_size, ppo_rows), device, run.dtype)
-    row = t["train_step"] / bs  # seconds of forward + backward per full-length row
-    n_sft, n_pairs, n_prompts = len(sft_rows), len(pairs), len({tuple(row[0]) for row in pairs})
-    n_split = n_pairs if split.source == "human" or split.pairs_per_row else n_prompts
-    length = {  # mean row length / full length: of an SFT row (1), of a pair's rows (2)
-        1: sum(len(p) + len(r) for p, r in sft_rows) / max(1, n_sft) / seq,
-        2: sum(len(p) + (len(c) + len(r)) / 2 for p, c, r in pairs) / max(1, n_pairs) / seq}
-
-    def trained(cfg, rows, width):  # optimizer steps x rows per step x width rows each (2: a pair)
-        rows_trained = optimizer_steps(cfg, rows) * cfg.batch_size * cfg.grad_accum * width
-        return rows_trained * row * length[width]
-
-    def ppo_time(prompts):  # rollouts, 4 scoring forwards (1/3 of a forward + backward), the update
-        iterations = ppo_cfg.passes * -(-prompts // ppo_cfg.prompts_per_step)
-        passes = 4 / 3 + 2 * ppo_cfg.ppo_epochs
-        rollout = R * t[f"decode_step_{ppo_rows}"] + ppo_rows * row * length[2] * passes
-        evals = 1 + ev.prompts / ppo_rows / max(ppo_cfg.eval_every, 1)
-        return iterations, iterations * rollout * evals
-
-    def sample(n):
-        return -(-n // split.batch_size) * R * t[f"decode_step_{split.batch_size}"]
-
-    def steps(group, rows):
-        return f"{optimizer_steps(cfgs[group], rows):,} steps"
-
-    ppo_all, ppo_all_s = ppo_time(n_prompts)
-    dpo = partial(trained, cfgs["dpo"], width=2)
-    plan = {f"sft {steps('sft', n_sft)}": trained(cfgs["sft"], n_sft, 1),
-            f"rm {steps('rm', n_pairs)}": trained(cfgs["rm"], n_pairs, 2),
-            f"pairs {2 * n_split:,} samples":
-                sample(2 * n_split) if split.source == "resample" else 0.0,
-            f"dpo_all {steps('dpo', n_split)}": dpo(n_split) * 7 / 6,
-            f"ppo_all {ppo_all:,} iterations": ppo_all_s,
-            "mpo_dpo + mpo": dpo(n_split // 2) * 7 / 6 + ppo_time(n_prompts // 2)[1],
-            f"evaluation {ev.prompts * ev.samples:,} samples per model":
-                4 * sample(ev.prompts * ev.samples)}
-
-    def fmt(seconds):
-        return str(datetime.timedelta(seconds=round(seconds)))
-
-    print(f"plan (rough, {device.type}): " + " | ".join(f"{k} ~{fmt(v)}" for k, v in plan.items())
-          + f" | total ~{fmt(sum(plan.values()))}; every stage prints its own rate and ETA")
-
-
-# The study: a run folder per seed (--seeds) and per regularisation strength (--sweep).
-
-def compute(out: Path, folders) -> dict:
-    """A model's training compute, summed over its stage folders' result.json (train.train and
-    ppo.ppo count them): policy optimizer steps, tokens through the policy's forward + backward,
-    responses sampled."""
-    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
-    for folder in folders:
-        if (out / folder / "result.json").exists():
-            r = json.loads((out / folder / "result.json").read_text())
-            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"),
-                            ("samples", "samples")):
-                total[name] += r.get(f"compute/{k}", 0)
-    return total
-
-
-def out_folder(run) -> Path:
-    """The run folder: --out, default out/<dataset>."""
-    return Path(run.out or f"out/{run.dataset}")
-
-
-def run_study(cfgs: dict, pipeline) -> Path:
-    """`pipeline(cfgs) -> report.md` (mpo.run_pipeline) once, or once per seed (--seeds N) and per
-    regularisation strength (--sweep); returns the report that sums them up."""
-    run = cfgs["run"]
-    if run.sweep:
-        return run_sweep(cfgs, pipeline)
-    return pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs, pipeline)
-
-
-def run_seed(pipeline, cfgs: dict, log=None) -> Path:
-    """One seed of a study on one thread (floating-point sums depend on the thread count: a seed's
-    numbers must not depend on the machine's cores), its output to `log` when given."""
-    torch.set_num_threads(1)
-    if log is None:
-        return pipeline(cfgs)
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return pipeline(cfgs)
-
-
-def run_seeds(cfgs: dict, pipeline) -> Path:
-    """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/
-    (resumed like any run folder), on the same task data (--data_seed); the stages' seeds shift with
-    it. The study adds the rows its claims need: mpo_dpo (MPO's first stage alone) and
-    mpo[stage2_ref=sft] (claim c). On a CPU with several cores the seeds run side by side, one
-    process and one thread each; then OUT/report.md and OUT/results.json aggregate them
-    (report.study)."""
-    run = cfgs["run"]
-    out = out_folder(run)
-    seeds = [run.seed + i for i in range(run.seeds)]
-    methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
-    if "mpo" in methods:
-        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
-        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
-    jobs = []
-    for s in seeds:
-        shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c
-                   for g, c in cfgs.items()}
-        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"),
-                                 methods=",".join(methods), variants=";".join(variants))
-        jobs.append(shifted)
-    cores = os.cpu_count() or 1
-    parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and cores > 1
-    workers = min(len(seeds), cores) if parallel else 1
-    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one "
-          "thread each; "
-          f"each seed's log: {out}/seed_<s>/log.txt")
-    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=keep_freed_memory) as pool:
-            futures = [pool.submit(run_seed, pipeline, job, Path(job["run"].out) / "log.txt")
-                       for job in jobs]
-            for done in as_completed(futures):
-                print(f"study: {done.result()} done")
-    else:
-        for job in jobs:
-            print(f"study: {run_seed(pipeline, job)} done")
-    folders = [out / f"seed_{s}" for s in seeds]
-    records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
-    return write_study(out, cfgs, study(records), folders)
-
-
-def share_sft_and_rm(src: Path, dst: Path):
-    """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled
-    pairs, seed by seed (same settings, same seeds: the same stages; they do not depend on beta or
-    kl_coef), copied in."""
-    for folder in [src, *sorted(src.glob("seed_*"))]:
-        target = dst / folder.relative_to(src)
-        for name in ("sft", "rm"):
-            if (folder / name / "final.pt").exists() and not (target / name).exists():
-                shutil.copytree(folder / name, target / name)
-        for pairs in folder.glob("pairs_*.*"):  # the cache and its record
-            if not (target / pairs.name).exists():
-                shutil.copy2(pairs, target / pairs.name)
-
-
-def run_sweep(cfgs: dict, pipeline) -> Path:
-    """--sweep: the run (a study under --seeds N) at each multiple of the regularisation strengths,
-    DPO's beta and PPO's kl_coef together (MPO has both), each in OUT/sweep_<x>/; then OUT/report.md
-    with the reward-KL frontier and OUT/sweep.json (report.write_sweep)."""
-    run = cfgs["run"]
-    out = out_folder(run)
-    studies, factors = {}, sweep_factors(run.sweep)
-    for x in factors:
-        share_sft_and_rm(out / f"sweep_{factors[0]:g}", out / f"sweep_{x:g}")
-        at = {**cfgs, "run": replace(run, sweep="", out=str(out / f"sweep_{x:g}")),
-              "dpo": replace(cfgs["dpo"], beta=cfgs["dpo"].beta * x),
-              "ppo": replace(cfgs["ppo"], kl_coef=cfgs["ppo"].kl_coef * x)}
-        report = pipeline(at) if run.seeds <= 1 else run_seeds(at, pipeline)
-        studies[x] = json.loads((report.parent / "results.json").read_text())
-        print(f"sweep: x{x:g} done: {report}")
-    return write_sweep(out, cfgs, dict(sorted(studies.items())))

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, fields, is_dataclass, replace
 
 from data import TOKENIZERS
-from train import AUTOCAST_DTYPES
+from lab.devices import AUTOCAST_DTYPES
 
 # Fields that take one of a few words: anything else is refused before a run starts.
 CHOICES = {

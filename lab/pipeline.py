@@ -1,0 +1,290 @@
+"""The pipeline around mpo.mpo: a run folder made ready (the task encoded, the base model, the plan,
+the lock), the stages made once in it (lab/runs.py), the baselines and ablations the study compares
+MPO with on the same pairs, and the report and results.json of the run.
+
+    report = run_pipeline(parse_args(argv))   # lab/cli.py: one run folder, or the study's
+"""
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import tiktoken
+import torch
+
+from data import DemoConfig, encode_dataset, get_tokenizer, load_task
+from dpo import dpo
+from lab.checkpoints import atomic_save
+from lab.devices import pick_device
+from lab.estimates import print_memory_estimate, print_plan, sampling_batch
+from lab.flags import split_variants
+from lab.readers import load_gold_reward
+from lab.report import write_report
+from lab.results import METRICS, study
+from lab.rm import gold_checks, score_pairs
+from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
+                      variant_folder)
+from lab.study import compute, matched_budget, out_folder
+from model import GPT, GPTConfig
+from mpo import (distinct_prompts, easy_and_hard, gap_threshold, make_pairs, mpo, mpo_stages,
+                 split_by_reward_gap, trainable_copy)
+from ppo import Models, ppo
+from train import optimizer_steps
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "demo"          # demo | jsonl (your own files in --data_dir) | hh-rlhf | tldr
+    preset: str = ""               # "demo": the demo's sizes and hyper-parameters on any dataset
+    tokenizer: str = ""            # gpt2 | byte | demo; "" = the dataset's own (demo: demo, else
+                                   # gpt2)
+    gold_reward: str = ""          # FILE.py:FUNCTION, a (prompt, response) -> float scoring the
+                                   # evaluation
+    data_seed: int = 0             # the demo's generator and the shuffle of the data; --seed is
+                                   # training's
+    init: str = ""                 # Hugging Face GPT-2 folder or hub name (gpt2, gpt2-medium, ...);
+                                   # "" = fresh GPT
+    n_layer: int = 2               # shape of a fresh GPT (init "")
+    n_head: int = 4
+    n_embd: int = 128
+    data_dir: str = ""             # jsonl: the task's folder; hh-rlhf / tldr: files laid out like
+                                   # the cache
+    template: str = "author"       # TL;DR prompt: "author" (Human/Assistant) or "tldr"
+                                   # (SUBREDDIT/TITLE/POST)
+    max_prompt_len: int = 512      # tokens (author: 512); HH drops whole oldest turns, TL;DR
+                                   # shortens the post
+    max_response_len: int = 256    # tokens, EOS included; also the sampling budget
+    methods: str = "dpo_all,ppo_all,mpo"  # beside SFT: dpo_all, dpo_human (DPO on the human
+                                          # pairs), ppo_all, mpo
+    max_train: int = 0             # > 0: use only this many SFT examples and training pairs (smoke
+                                   # tests)
+    max_eval: int = 0              # > 0: use only this many held-out SFT examples and pairs in
+                                   # stage evaluations
+    variants: str = ""             # ablations, ';'-separated MPO variants of --split fields:
+                                   # "delta=2;stage2_ref=sft"
+    out: str = ""                  # run folder; default out/<dataset>
+    stop_after: str = ""           # stop once this stage is done: sft | rm | split | dpo_all |
+                                   # dpo_human | ppo_all | mpo_dpo | mpo
+    redo: bool = False             # redo the stages whose recorded flags differ from this run's,
+                                   # and those after them
+    device: str = "auto"
+    dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU
+                                   # too: fast with AMX)
+    grad_checkpoint: bool = False  # activation checkpointing: less memory, ~1/3 more compute
+                                   # (gpt2-large / xl)
+    seed: int = 0
+    seeds: int = 1                 # > 1: a study over this many training seeds from --seed on
+                                   # (OUT/seed_<s>/)
+    budget: str = "data"           # "data": each stage's steps follow its data; "matched":
+                                   # dpo_all's steps for all
+    sweep: str = ""                # "0.5,1,2": the run at these multiples of --dpo.beta and
+                                   # --ppo.kl_coef (frontier)
+
+
+@dataclass
+class Data:
+    """A task encoded for this run: the token-id rows the stages train and are evaluated on."""
+    tok: tiktoken.Encoding
+    sft_train: list = field(default_factory=list)     # (prompt, response)
+    sft_eval: list = field(default_factory=list)      # held out: SFT's eval, the RM's normalisation
+    pairs_train: list = field(default_factory=list)   # (prompt, chosen, rejected)
+    pairs_eval: list = field(default_factory=list)    # held out: the RM's accuracy table
+    prompts_eval: list = field(default_factory=list)  # held out: PPO's curve, the final evaluation
+    subsets: list | None = None                       # each held-out prompt's subset (HH-RLHF)
+    gold_reward: Callable | None = None               # the task's known (prompt, response) -> float
+    gold_best: float | None = None                    # the best mean gold a policy can reach
+
+
+def load_data(run: RunConfig, eval_prompts: int, demo: DemoConfig) -> Data:
+    """The task --dataset names (and its gold reward, or --gold_reward's), encoded and cut to the
+    run's lengths (data.encode_dataset); --max_train / --max_eval take the first rows only."""
+    task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, demo)
+    if run.gold_reward:  # tried once here, before anything under --out changes
+        sample = (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen)
+        task.gold_reward = load_gold_reward(run.gold_reward, sample)
+        task.gold_best = None  # a task's best gold is that of its own reward
+    tok = get_tokenizer(run.tokenizer or task.tokenizer)
+
+    def encode(items, name, kept=None):
+        return encode_dataset(tok, items, run.max_prompt_len, run.max_response_len, name,
+                              task.prompt_cut, kept)
+
+    limit, eval_limit = run.max_train or None, run.max_eval or None
+    data = Data(tok, encode(task.sft_train[:limit], "sft_train"),
+                encode(task.sft_eval[:eval_limit], "sft_eval"),
+                encode(task.pairs_train[:limit], "pairs_train"),
+                encode(task.pairs_eval[:eval_limit], "pairs_eval"),
+                gold_reward=task.gold_reward, gold_best=task.gold_best)
+    kept = []  # stratified by subset where the task has them (data.interleave)
+    data.prompts_eval = encode(task.prompts_eval[:eval_prompts], "prompts_eval", kept)
+    data.subsets = [task.eval_subsets[i] for i in kept] if task.eval_subsets else None
+    return data
+
+
+def base_model(run: RunConfig, vocab_size: int) -> GPT:
+    """The model SFT (and by default the RM) starts from: --init's GPT-2, else a fresh GPT."""
+    seq = run.max_prompt_len + run.max_response_len
+    if run.init:
+        base = GPT.from_pretrained(run.init)
+    else:
+        base = GPT(GPTConfig(block_size=seq, vocab_size=vocab_size, n_layer=run.n_layer,
+                             n_head=run.n_head, n_embd=run.n_embd))
+    base.config.grad_checkpoint = run.grad_checkpoint  # every model built from base.config
+    if seq > base.config.block_size:
+        raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len "
+                         f"{run.max_response_len} is more than the {base.config.block_size} "
+                         f"positions of --init {run.init}")
+    return base
+
+
+def split_pairs(rows, gaps, split, folder: Path, tok):
+    """mpo.easy_and_hard, recorded: split.jsonl (one line per pair: side, gap and the texts) for
+    inspection, a warning when a side is empty, and the split's statistics. Returns (easy pairs,
+    hard prompts, statistics)."""
+    delta = gap_threshold(gaps, split)
+    easy, hard = easy_and_hard(rows, gaps, split)
+    easy_index, hard_index = split_by_reward_gap(gaps, delta)
+    side = dict.fromkeys(easy_index.tolist(), "easy") | dict.fromkeys(hard_index.tolist(), "hard")
+    lines = [json.dumps({"index": i, "side": side[i], "gap": g, "prompt": tok.decode(p),
+                         "chosen": tok.decode(c), "rejected": tok.decode(r)})
+             for i, (g, (p, c, r)) in enumerate(zip(gaps.tolist(), rows))]
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(("\n".join(lines) + "\n").encode(), folder / "split.jsonl")
+    if not easy:
+        print(f"warning: delta {delta:.3g} leaves no pairs for DPO and {len(hard)} prompts "
+              "for PPO: MPO skips its DPO stage and runs PPO from the SFT model (the SFT model is "
+              "also its reference)")
+    if not hard:
+        print(f"warning: delta {delta:.3g} leaves no prompts for PPO and {len(easy)} pairs "
+              "for DPO: MPO runs DPO on them and skips its PPO stage (MPO is then the DPO model)")
+    return easy, hard, {"source": split.source, "delta": delta, "pairs": len(rows),
+                        "easy_pairs": len(easy), "easy_share": len(easy) / max(len(rows), 1),
+                        "hard_prompts": len(hard)}
+
+
+class Run(Stages):
+    """The run folder as mpo.mpo sees it: each stage made once (Stages.stage), the pairs made once
+    per source (`pairs`), and what MPO is compared with: the baselines --methods asks for, trained
+    on the same pairs with the same stage configs (same cost per sample; under --budget matched,
+    dpo_all's optimizer steps for every method), and the ablations of --variants."""
+
+    def __init__(self, out: Path, cfgs: dict, data, batch: int):
+        run = cfgs["run"]
+        super().__init__(out, records(cfgs, cfgs["split"]), run.stop_after)
+        self.cfgs, self.data, self.batch = cfgs, data, batch
+        self.methods = run.methods.split(",")
+        self.steps = 0  # dpo_all's optimizer steps: the matched budget
+        self.gaps, self.split_stats, self.variants = None, None, {}
+        self.folders = {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
+                        "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
+
+    def pairs(self, split, make):
+        """make() -> (rows, gaps), the pairs to split, once per run folder and source (resampling
+        is the costly part): cached in out/pairs_<source>.pt with its settings."""
+        cache = pairs_cache(self.out, split)
+        if cache.exists():
+            return load_pairs(cache)
+        rows, gaps = make()
+        save_pairs(cache, rows, gaps, records(self.cfgs, split)["pairs"])
+        return rows, gaps
+
+    def budget(self, dpo_data, ppo_data) -> dict:
+        """The configs of a method with DPO and PPO on these data: as given under --budget data,
+        cut to dpo_all's optimizer steps under --budget matched (lab.study.matched_budget)."""
+        if self.cfgs["run"].budget != "matched":
+            return self.cfgs
+        return matched_budget(self.cfgs, self.steps, bool(dpo_data), bool(ppo_data))
+
+    def wants(self, method: str) -> bool:
+        """Whether --methods asks for `method`; if not, a --stop_after naming it stops here."""
+        if method not in self.methods:
+            self.stop_if_last(method, skipped=True)
+        return method in self.methods
+
+    def baselines(self, sft_model, rm, rows, gaps) -> dict:
+        """Record the split (split.jsonl, its statistics, the RM and the split against the task's
+        gold reward), then train the baselines --methods asks for: dpo_all (DPO on every pair),
+        dpo_human (the paper's vanilla DPO: the dataset's own pairs), ppo_all (PPO on every prompt)
+        and mpo_dpo (MPO's first stage alone, the same stage as mpo.mpo_stages')."""
+        cfgs, data, run = self.cfgs, self.data, self.cfgs["run"]
+        easy, hard, self.split_stats = split_pairs(rows, gaps, cfgs["split"], self.out, data.tok)
+        self.gaps = gaps
+        if data.gold_reward:  # how far the RM and its split can be trusted, measured against gold
+            chosen, rejected = score_pairs(rm, data.pairs_eval, self.batch,
+                                           pick_device(run.device), run.dtype)
+            self.metrics["rm"]["gold"] = gold_checks(data, chosen - rejected, rows, gaps,
+                                                     self.split_stats["delta"])
+        self.stop_if_last("split")
+        self.steps = optimizer_steps(cfgs["dpo"], len(rows))
+        models = {}
+        for name, pairs in (("dpo_all", rows), ("dpo_human", data.pairs_train)):
+            if self.wants(name):
+                models[name] = self.stage(name, dpo, trainable_copy(sft_model), sft_model, pairs,
+                                          self.budget(pairs, [])["dpo"], stage=name)
+        if self.wants("ppo_all"):
+            models_all = Models(trainable_copy(sft_model), sft_model, rm, trainable_copy(rm))
+            models["ppo_all"] = self.stage(
+                "ppo_all", ppo, models_all, distinct_prompts(rows), data.tok,
+                self.budget([], rows)["ppo"], eval_prompts=data.prompts_eval,
+                gold_reward=data.gold_reward, stage="ppo_all")
+        if "mpo_dpo" in self.methods and easy:
+            models["mpo_dpo"] = self.stage("mpo_dpo", dpo, trainable_copy(sft_model), sft_model,
+                                           easy, self.budget(easy, hard)["dpo"], stage="mpo_dpo")
+        elif "mpo" not in self.methods:  # with mpo, mpo.mpo_stages runs or skips it
+            self.stop_if_last("mpo_dpo", skipped=True)
+        return models
+
+    def ablations(self, sft_model, rm) -> dict:
+        """mpo[variant] for each of --variants: MPO's two stages again with other --split fields, on
+        the same SFT model and RM (and pairs, when the source is the same), in
+        out/variants/<variant>/."""
+        if self.stop_after:  # not reached: the stage it names was skipped (mpo, no hard prompts)
+            self.stop_if_last(self.stop_after, skipped=True)
+        cfgs, data, run, models = self.cfgs, self.data, self.cfgs["run"], {}
+        for text, v in split_variants(run, cfgs["split"]):
+            folder, name = variant_folder(self.out, text), f"mpo[{text}]"
+            self.folders[name] = [str(folder.relative_to(self.out) / s) for s in ("mpo_dpo", "mpo")]
+            rows, gaps = self.pairs(v, lambda: make_pairs(sft_model, rm, data.pairs_train, v, run,
+                                                          data.tok.eot_token))
+            v_easy, v_hard, self.variants[name] = split_pairs(rows, gaps, v, folder, data.tok)
+            stages = Stages(folder, records(cfgs, v), run.stop_after)
+            models[name] = mpo_stages(stages, {**self.budget(v_easy, v_hard), "split": v}, data,
+                                      sft_model, rm, v_easy, v_hard)
+        return models
+
+
+def run_pipeline(cfgs: dict) -> Path:
+    """The whole run under --out: mpo.mpo with its baselines and ablations, then report.md and
+    results.json (a study of one seed)."""
+    run, split = cfgs["run"], cfgs["split"]
+    out = out_folder(run)
+    device = pick_device(run.device)
+    torch.manual_seed(run.seed)
+    data = load_data(run, cfgs["eval"].prompts, cfgs["demo"])
+    base = base_model(run, data.tok.n_vocab)
+    # Batches sized for the device (0); the records keep the flag as given, like --device.
+    batch = sampling_batch(base.config, run.max_prompt_len + run.max_response_len, device)
+    cfgs["eval"] = replace(cfgs["eval"], batch_size=cfgs["eval"].batch_size or batch)
+    print_memory_estimate(base.config, cfgs, device)
+    # Only now, with the data and the model checked, is --out locked and compared with the flags.
+    planned = open_run_folder(out, cfgs, base)
+    print_plan({**cfgs, "split": replace(split, batch_size=split.batch_size or batch)}, base,
+               data.sft_train, data.pairs_train, device)
+    stages = Run(out, cfgs, data, batch)
+    results, samples = mpo(cfgs, data, base, stages)
+    made = {str(path.relative_to(out)).removesuffix(".pt"): settings
+            for path, settings in planned.items()
+            if (path / "final.pt").exists() or path.is_file()}  # the stages this run ran or loaded
+    rm_metrics = stages.metrics["rm"]
+    report = write_report(out, cfgs, results, samples, stages.gaps, stages.split_stats,
+                          stages.variants, rm_metrics, made, data.gold_best)
+    record = {"seed": run.seed, "gap_buckets": rm_metrics.get("eval/accuracy_by_gap_quartile", {}),
+              "methods": {name: {**{k: r[k] for k in METRICS if k in r},
+                                 "compute": compute(out, stages.folders[name])}
+                          for name, r in results.items()}}
+    if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
+        record["gold_checks"] = {**rm_metrics["gold"],
+                                 "easy_share": stages.split_stats["easy_share"]}
+    record["samples"] = samples  # the study's report shows its first seed's
+    atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # one seed
+    return report

@@ -1,0 +1,143 @@
+"""The study: a run folder per seed (--seeds N) and per regularisation strength (--sweep), the
+budgets that make the methods comparable, and the compute each method spent. lab/results.py sums
+them up (results.json, report.md)."""
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lab.devices import pick_device, world_size
+from lab.flags import sweep_factors
+from lab.results import seed_record, study, write_study, write_sweep
+from lab.speed import keep_freed_memory
+
+
+def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
+    """cfgs with a method's DPO and PPO stages cut to `steps` policy optimizer steps in all
+    (--budget matched). A PPO iteration takes ppo_epochs x num_minibatches steps, so PPO gets the
+    nearest whole number of iterations (at least one); MPO, with both stages, gives half the steps
+    to DPO and the rest to PPO (all to the one stage that has data when the other has none)."""
+    per_iteration = cfgs["ppo"].ppo_epochs * cfgs["ppo"].num_minibatches
+    dpo_steps = steps if not hard else steps // 2 if easy else 0
+    iterations = max(1, round((steps - dpo_steps) / per_iteration))
+    return {**cfgs, "dpo": replace(cfgs["dpo"], max_steps=max(1, dpo_steps)),
+            "ppo": replace(cfgs["ppo"], max_iterations=iterations)}
+
+
+def compute(out: Path, folders) -> dict:
+    """A model's training compute, summed over its stage folders' result.json (train.train and
+    ppo.ppo count them): policy optimizer steps, tokens through the policy's forward + backward,
+    responses sampled."""
+    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
+    for folder in folders:
+        if (out / folder / "result.json").exists():
+            r = json.loads((out / folder / "result.json").read_text())
+            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"),
+                            ("samples", "samples")):
+                total[name] += r.get(f"compute/{k}", 0)
+    return total
+
+
+def out_folder(run) -> Path:
+    """The run folder: --out, default out/<dataset>."""
+    return Path(run.out or f"out/{run.dataset}")
+
+
+def run_study(cfgs: dict, pipeline) -> Path:
+    """`pipeline(cfgs) -> report.md` (lab.pipeline.run_pipeline) once, or once per seed (--seeds N)
+    and per regularisation strength (--sweep); returns the report that sums them up."""
+    run = cfgs["run"]
+    if run.sweep:
+        return run_sweep(cfgs, pipeline)
+    return pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs, pipeline)
+
+
+def run_seed(pipeline, cfgs: dict, log=None) -> Path:
+    """One seed of a study on one thread (floating-point sums depend on the thread count: a seed's
+    numbers must not depend on the machine's cores), its output to `log` when given."""
+    torch.set_num_threads(1)
+    if log is None:
+        return pipeline(cfgs)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return pipeline(cfgs)
+
+
+def run_seeds(cfgs: dict, pipeline) -> Path:
+    """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/
+    (resumed like any run folder), on the same task data (--data_seed); the stages' seeds shift with
+    it. The study adds the rows its claims need: mpo_dpo (MPO's first stage alone) and
+    mpo[stage2_ref=sft] (claim c). On a CPU with several cores the seeds run side by side, one
+    process and one thread each; then OUT/report.md and OUT/results.json aggregate them
+    (lab.results.study)."""
+    run = cfgs["run"]
+    out = out_folder(run)
+    seeds = [run.seed + i for i in range(run.seeds)]
+    methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
+    if "mpo" in methods:
+        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
+        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
+    jobs = []
+    for s in seeds:
+        shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c
+                   for g, c in cfgs.items()}
+        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"),
+                                 methods=",".join(methods), variants=";".join(variants))
+        jobs.append(shifted)
+    cores = os.cpu_count() or 1
+    parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and cores > 1
+    workers = min(len(seeds), cores) if parallel else 1
+    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one "
+          "thread each; "
+          f"each seed's log: {out}/seed_<s>/log.txt")
+    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=keep_freed_memory) as pool:
+            futures = [pool.submit(run_seed, pipeline, job, Path(job["run"].out) / "log.txt")
+                       for job in jobs]
+            for done in as_completed(futures):
+                print(f"study: {done.result()} done")
+    else:
+        for job in jobs:
+            print(f"study: {run_seed(pipeline, job)} done")
+    folders = [out / f"seed_{s}" for s in seeds]
+    records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
+    return write_study(out, cfgs, study(records), folders)
+
+
+def share_sft_and_rm(src: Path, dst: Path):
+    """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled
+    pairs, seed by seed (same settings, same seeds: the same stages; they do not depend on beta or
+    kl_coef), copied in."""
+    for folder in [src, *sorted(src.glob("seed_*"))]:
+        target = dst / folder.relative_to(src)
+        for name in ("sft", "rm"):
+            if (folder / name / "final.pt").exists() and not (target / name).exists():
+                shutil.copytree(folder / name, target / name)
+        for pairs in folder.glob("pairs_*.*"):  # the cache and its record
+            if not (target / pairs.name).exists():
+                shutil.copy2(pairs, target / pairs.name)
+
+
+def run_sweep(cfgs: dict, pipeline) -> Path:
+    """--sweep: the run (a study under --seeds N) at each multiple of the regularisation strengths,
+    DPO's beta and PPO's kl_coef together (MPO has both), each in OUT/sweep_<x>/; then OUT/report.md
+    with the reward-KL frontier and OUT/sweep.json (lab.results.write_sweep)."""
+    run = cfgs["run"]
+    out = out_folder(run)
+    studies, factors = {}, sweep_factors(run.sweep)
+    for x in factors:
+        share_sft_and_rm(out / f"sweep_{factors[0]:g}", out / f"sweep_{x:g}")
+        at = {**cfgs, "run": replace(run, sweep="", out=str(out / f"sweep_{x:g}")),
+              "dpo": replace(cfgs["dpo"], beta=cfgs["dpo"].beta * x),
+              "ppo": replace(cfgs["ppo"], kl_coef=cfgs["ppo"].kl_coef * x)}
+        report = pipeline(at) if run.seeds <= 1 else run_seeds(at, pipeline)
+        studies[x] = json.loads((report.parent / "results.json").read_text())
+        print(f"sweep: x{x:g} done: {report}")
+    return write_sweep(out, cfgs, dict(sorted(studies.items())))
