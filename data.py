@@ -18,14 +18,10 @@ import torch
 
 from demo import DEMO_VOCAB, DemoConfig, demo_gold_reward, make_demo_task
 from demo import DEMO_WORDS, demo_best_gold  # noqa: F401 (offered here too, as data.*)
-from lab.readers import (TLDR_BATCHES, DataError, find_files, get_field, hh_rlhf_file,
-                         read_jsonl_task, read_rows, tldr_comparisons_file, tldr_sft_file)
+from lab.readers import DataError, get_field, gpt2_encoding, read_rows
 
 EOT = "<|endoftext|>"
 TOKENIZERS = ("byte", "gpt2", "demo")
-GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
-                    "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6, r50k_base.tiktoken as "
-                    "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
 
 
 def get_tokenizer(name: str) -> tiktoken.Encoding:
@@ -44,12 +40,7 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
         return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={EOT: len(ranks)})
     if name == "gpt2":
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken fetches its BPE files on first use (requests, hashes)
-            raise RuntimeError(
-                f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
-                f"TIKTOKEN_CACHE_DIR to a folder holding {GPT2_CACHE_FILES}") from None
+        return gpt2_encoding()  # tiktoken's, its files fetched on first use (lab/readers.py)
     raise ValueError(f"unknown tokenizer {name!r} (valid: {', '.join(TOKENIZERS)})")
 
 
@@ -191,46 +182,15 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
     """"demo" (built from `demo` and `seed`: demo.py), "jsonl" (a user's files in data_dir:
     lab.readers.read_jsonl_task), "hh-rlhf" (helpful-base + harmless-base; eval = their test files)
     or "tldr" (tldr_3_filtered SFT files + the Reddit comparison batches; `template` picks the
-    prompt format). Real files are looked up under data_dir first (same layout as the cache:
-    hh-rlhf/<subset>/<split>.jsonl.gz, tldr/...)."""
+    prompt format). Real files (lab/tasks.py) are looked up under data_dir first (same layout as
+    the cache: hh-rlhf/<subset>/<split>.jsonl.gz, tldr/...)."""
     if name == "demo":
         sft_train, sft_eval, train, test, prompts, best = make_demo_task(demo or DemoConfig(), seed)
         return Task(name, sft_train, sft_eval, [Pair(*p) for p in train],
                     [Pair(*p) for p in test], prompts, demo_gold_reward, "demo", best)
     rng = random.Random(seed)  # files come grouped by subset / batch; mix them once, reproducibly
-    if name == "jsonl":
-        sft_train, sft_eval, train, test = read_jsonl_task(data_dir)
-        train, test = [Pair(*r) for r in train], [Pair(*r) for r in test]
-        task = Task(name, sft_train, sft_eval, train, test,
-                    list(dict.fromkeys(p.prompt for p in test)), None, "gpt2")
-    elif name == "hh-rlhf":
-        subsets = ("helpful-base", "harmless-base")
-        files = find_files([hh_rlhf_file(s, split) for split in ("train", "test") for s in subsets],
-                           data_dir)
-        train = [p for f in files[:2] for p in read_hh_rlhf(f)]
-        # Held-out data stratified by subset: every prefix (--eval.prompts, --max_eval) holds both.
-        test = interleave({s: read_hh_rlhf(f) for s, f in zip(subsets, files[2:])}, rng)
-        prompts = interleave({s: list(dict.fromkeys(p.prompt for s2, p in test if s2 == s))
-                              for s in subsets}, rng)
-        prompts = list({p: s for s, p in prompts}.items())  # a prompt in both subsets counts once
-        pairs_eval = [p for _, p in test]
-        task = Task(name, [(p.prompt, p.chosen) for p in train],
-                    [(p.prompt, p.chosen) for p in pairs_eval],
-                    train, pairs_eval, [p for p, _ in prompts], None, "gpt2", prompt_cut="turns",
-                    eval_subsets=[s for _, s in prompts])
-    elif name == "tldr":
-        files = find_files([tldr_sft_file(split) for split in ("train", "valid", "test")]
-                           + [tldr_comparisons_file(b) for b in TLDR_BATCHES], data_dir)
-        sft_train, sft_eval, sft_test = (read_tldr_sft(f, template) for f in files[:3])
-        train, valid = ([p for f in files[3:] for p in read_tldr_comparisons(f, template, split)]
-                        for split in ("train", "valid"))
-        prompts = list(dict.fromkeys(p for p, _ in sft_test))
-        for held_out in (sft_eval, valid, prompts):  # in file order: by batch and by subreddit
-            rng.shuffle(held_out)
-        task = Task(name, sft_train, sft_eval, train, valid, prompts, None, "gpt2",
-                    prompt_cut="post")
-    else:
-        raise ValueError(f"unknown task {name!r} (valid: demo, jsonl, hh-rlhf, tldr)")
+    from lab.tasks import real_task  # the lab imports this file
+    task = real_task(name, rng, data_dir, template)
     for field in ("sft_train", "pairs_train", "pairs_eval", "prompts_eval"):
         if not getattr(task, field):
             raise ValueError(f"task {name}: {field} is empty after filtering")

@@ -9,7 +9,7 @@ reference is frozen. With h the difference of log-ratios,
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
     DPO:   -log sigmoid(beta h)                                   (Rafailov et al. 2023, eq. 7)
-    cDPO:  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Mitchell 2023; eps: noise)
+    cDPO:  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Mitchell 2023, noisy labels)
     IPO:   (h - 1/(2 beta))^2                                     (Azar et al. 2023, eq. 17)
 
     from dpo import DPOConfig, dpo
@@ -125,7 +125,7 @@ def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
 def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo"):
     """Train `policy` with DPO against the frozen `ref`; returns (policy, metrics). `stage` names
     the checkpoint, the log lines and the progress (dpo_all, mpo_dpo)."""
-    if ref is policy:  # the loss would sit at ln 2 forever (TRL refuses this too)
+    if ref is policy:  # frozen below, and the loss would sit at ln 2 forever (TRL refuses it too)
         raise ValueError("dpo: ref is the policy itself; pass a frozen copy, "
                          "e.g. copy.deepcopy(sft_model)")
     device = pick_device(cfg.device)

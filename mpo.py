@@ -1,20 +1,17 @@
 """Mixed Preference Optimization (Gou & Nguyen 2024, arXiv 2403.19443): SFT, a reward model, then
 DPO on the pairs the reward model finds easy and PPO on the prompts it finds hard.
 
-The method in the paper's order: 1. supervised fine-tuning; 2. the reward model; 3. two responses
-resampled per prompt from the SFT model and scored by the RM; 4. the split at the reward gap (the
-paper's data selection); 5. MPO's two stages (the paper's two-stage training): DPO on the easy
-pairs, then PPO on the hard prompts from the DPO model, which is also PPO's KL reference; 6. the
-evaluation against the SFT model; 7. `mpo()`, the whole algorithm in one function. The training loop
-is train.py's, DPO dpo.py, PPO ppo.py.
-
-The lab (lab/) does the rest: lab/pipeline.py runs mpo() in a run folder that makes each stage once
-and loads it on a rerun, trains the baselines and ablations beside it and writes the report;
-lab/cli.py is the command line (`python mpo.py --help`), with the study over seeds and sweeps.
+The method in the paper's order, one section each: SFT, the reward model, resampling and scoring,
+the split at the reward gap (the paper's data selection), MPO's two stages (its two-stage training:
+DPO on the easy pairs, then PPO on the hard prompts from the DPO model, also PPO's KL reference),
+the evaluation against the SFT model; last, `mpo()`, the whole algorithm in one function.
+Left to the lab: the run folder, baselines and ablations (lab/pipeline.py), the RM's normalisation,
+gap tables and batched scoring (lab/rm.py), torchrun's shards (lab/devices.py), the command line.
 
     from mpo import SFTConfig, sft, RMConfig, train_reward_model
     policy, metrics = sft(gpt, encoded_examples, SFTConfig(), "out/run")
-    rm, metrics = train_reward_model(ScalarModel.from_gpt(gpt), encoded_pairs, RMConfig(), "out/rm")
+    rm, metrics = train_reward_model(model.ScalarModel.from_gpt(gpt), encoded_pairs, RMConfig(),
+                                     "out/rm")
 
 Tests: python -m pytest -q tests/test_stages.py tests/test_mpo.py
 """
@@ -31,7 +28,7 @@ from lab.devices import map_batches, pick_device, rank, shard, to_device, unshar
 from lab.estimates import sampling_batch
 from lab.progress import progress
 from lab.report import subset_results
-from lab.rm import batch_scores, gap_tables, normalize_scores, score_batch, score_pairs
+from lab.rm import batch_scores, gap_tables, normalize_scores, score_pairs
 from model import ScalarModel, response_mask
 from ppo import Models, ppo
 from train import TrainConfig, autocast, train
@@ -79,7 +76,7 @@ class RMConfig(TrainConfig):
     weight_decay: float = 0.1
     margin: float = 0.0        # Bradley-Terry margin: chosen must win by this much (Llama 2)
     center_coef: float = 0.0   # reward centring, coef * (r_c + r_r)^2 (Eisenstein et al. 2023)
-    init: str = "base"         # the pipeline starts the RM from "base" (author) or "sft"
+    init: str = "base"         # reward_model_start: from "base" (author) or "sft"
     n_layer: int = 0           # the RM's own shape, from scratch; 0 = the policy's (and init above)
     n_head: int = 0
     n_embd: int = 0
@@ -96,7 +93,7 @@ def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
 
 def reward_model_loss(model, batch, cfg: RMConfig):
     """The reward-model stage's loss_fn: mean Bradley-Terry loss over a collate_pairs batch."""
-    scores = score_batch(model, batch)  # each row's score at its last token
+    scores = ScalarModel.score(model, batch["tokens"], lengths=batch["lengths"])  # unbound: DDP
     chosen, rejected = scores.chunk(2)  # collate_pairs: chosen rows first, then rejected
     loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).mean()
     return loss, {"accuracy": (chosen > rejected).float().mean(),
@@ -163,10 +160,11 @@ def distinct_prompts(rows) -> list:
 
 def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) -
-    r(rejected). "resample" (author's code): two SFT samples per training row (per distinct prompt
-    unless split.pairs_per_row) at temperature 1, top-k 50, top-p 0.9, the higher-scored one chosen,
-    so every gap is >= 0. "human": the dataset's own pairs; a negative gap means the RM disagrees
-    with the label, and |gap| decides the side all the same."""
+    r(rejected). "resample" (author's code): two SFT samples per training row with
+    split.pairs_per_row (author; TL;DR repeats posts), else per distinct prompt, at temperature 1,
+    top-k 50, top-p 0.9, the higher-scored one chosen, so every gap is >= 0. "human": the dataset's
+    own pairs; a negative gap means the RM disagrees with the label, and |gap| decides the side all
+    the same."""
     device = pick_device(run.device)
     seq = run.max_prompt_len + run.max_response_len
     batch_size = split.batch_size or sampling_batch(sft_model.config, seq, device)
@@ -236,20 +234,20 @@ def trainable_copy(model):
     return copy.deepcopy(model).requires_grad_(True)
 
 
-def mpo_stages(run, cfgs, data, sft_model, rm, easy, hard):
+def mpo_stages(lab, cfgs, data, sft_model, rm, easy, hard):
     """Stage 1: DPO on the easy pairs, policy and reference from the SFT model. Stage 2: PPO on the
     hard prompts from the DPO model, which is also the KL reference (unless --split.stage2_ref
     sft); the critic starts from the RM. With no easy pairs PPO starts from the SFT model; with no
-    hard prompts MPO is the DPO model. `run.stage` makes a stage once (lab/runs.py)."""
+    hard prompts MPO is the DPO model. `lab.stage` makes a stage once (see mpo())."""
     policy = sft_model
     if easy:
-        policy = run.stage("mpo_dpo", dpo, trainable_copy(sft_model), sft_model, easy, cfgs["dpo"],
+        policy = lab.stage("mpo_dpo", dpo, trainable_copy(sft_model), sft_model, easy, cfgs["dpo"],
                            stage="mpo_dpo")
     if not hard:
         return policy
     ref = policy if cfgs["split"].stage2_ref == "dpo" else sft_model
     models = Models(trainable_copy(policy), ref, rm, trainable_copy(rm))
-    return run.stage("mpo", ppo, models, hard, data.tok, cfgs["ppo"],
+    return lab.stage("mpo", ppo, models, hard, data.tok, cfgs["ppo"],
                      eval_prompts=data.prompts_eval, gold_reward=data.gold_reward, stage="mpo")
 
 
@@ -271,9 +269,9 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     """cfg.samples responses per held-out prompt (data.prompts_eval) from every model (same seed).
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
-    the model's own samples: the k1 estimator); mean length in tokens; the gold reward when the task
-    has one. With data.subsets (one name per prompt), the RM score, gold and win rate also per
-    subset under "subsets". Returns (results, samples) keyed by model name."""
+    the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
+    reward when the task has one. With data.subsets (one name per prompt), the RM score and win
+    rate also per subset under "subsets". Returns (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
     prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
@@ -312,25 +310,32 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
 
 # 7. The algorithm: SFT -> RM -> resample, score -> split -> DPO on easy -> PPO on hard -> evaluate
 
-def mpo(cfgs: dict, data, base, run) -> tuple[dict, dict]:
-    """MPO from a base model on an encoded task (`data`: lab.pipeline.Data) with the stage configs
-    `cfgs`; returns compare_to_sft's (results, samples) for MPO and what it is compared with. `run`
-    (lab/pipeline.py) makes each stage once in the run folder (a rerun loads it) and adds the
-    baselines --methods asks for, on the same pairs, and the ablations of --variants."""
-    sft_model = run.stage("sft", sft, trainable_copy(base), data.sft_train, cfgs["sft"],
+def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
+    """MPO from a `base` model on an encoded task with the stage configs `cfgs`; returns
+    compare_to_sft's (results, samples). `data` (lab.pipeline.Data) holds token ids: sft_train /
+    sft_eval (prompt, response), pairs_train / pairs_eval (prompt, chosen, rejected), prompts_eval,
+    and the task's tokenizer `tok` and gold reward. `lab` (lab/pipeline.py) runs the run folder:
+    lab.stage(name, fn, model, ...) is fn(model, ..., out_dir=out/name)'s model, or on a rerun the
+    model loaded from out/name/final.pt; lab.pairs caches the pairs in out/pairs_<source>.pt."""
+    # 1. SFT
+    sft_model = lab.stage("sft", sft, trainable_copy(base), data.sft_train, cfgs["sft"],
                           eval_examples=data.sft_eval)
-    torch.manual_seed(cfgs["run"].seed)  # the RM's new head: the same whether SFT ran or loaded
-    rm = run.stage("rm", train_reward_model, reward_model_start(base, sft_model, cfgs["rm"]),
+    # 2. The reward model
+    torch.manual_seed(cfgs["run"].seed)  # its new head: the same whether SFT ran or was loaded
+    rm = lab.stage("rm", train_reward_model, reward_model_start(base, sft_model, cfgs["rm"]),
                    data.pairs_train, cfgs["rm"], eval_pairs=data.pairs_eval,
                    reference_examples=data.sft_eval if cfgs["rm"].normalize else None)
-    rows, gaps = run.pairs(cfgs["split"], lambda: make_pairs(sft_model, rm, data.pairs_train,
-                                                             cfgs["split"], cfgs["run"],
-                                                             data.tok.eot_token))
+    # 3. Resample two SFT responses per prompt and score them; 4. split at the reward gap
+    rows, gaps = lab.pairs(cfgs["split"], make_pairs, sft_model, rm, data.pairs_train,
+                           cfgs["split"], cfgs["run"], data.tok.eot_token)
     easy, hard = easy_and_hard(rows, gaps, cfgs["split"])
-    models = {"sft": sft_model, **run.baselines(sft_model, rm, rows, gaps)}
-    if run.wants("mpo"):
-        models["mpo"] = mpo_stages(run, run.budget(easy, hard), data, sft_model, rm, easy, hard)
-    models |= run.ablations(sft_model, rm)  # --variants: MPO's stages with other split settings
+    # Not MPO, what it is compared with: split.jsonl and the baselines --methods asks for
+    models = {"sft": sft_model, **lab.baselines(sft_model, rm, rows, gaps)}
+    # 5. DPO on the easy pairs, then PPO on the hard prompts (configs cut under --budget matched)
+    if lab.wants("mpo"):  # in --methods
+        models["mpo"] = mpo_stages(lab, lab.budget(easy, hard), data, sft_model, rm, easy, hard)
+    models |= lab.ablations(sft_model, rm)  # --variants: MPO's stages with other split settings
+    # 6. Every model against the SFT model
     return compare_to_sft(models, rm, data, cfgs["run"], cfgs["eval"])
 
 

@@ -11,7 +11,8 @@ One iteration of the loop in `ppo()`: pick prompts -> rollout (sample, then log-
 RM scores) -> KL-shaped rewards -> GAE -> PPO epochs -> log / eval / save.
 
 Implementation details, from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)
-and the author's DeepSpeed-Chat based code; the code cites them as "detail N":
+and the author's DeepSpeed-Chat based code, numbered for this file, which cites them as "detail N"
+(not the paper's own numbers, which the other files' "N+ detail N" cite):
  1. Dropout off in policy, reference, RM and critic (eval mode) so the ratio starts at exactly 1.
  2. Left-padded prompts, positions from the attention mask: a padded row scores like an unpadded
     one.
@@ -37,6 +38,9 @@ and the author's DeepSpeed-Chat based code; the code cites them as "detail N":
     clipping.
 16. Reference log-probs, old log-probs and old values computed once per rollout, under no_grad.
 
+The lab keeps a stage's bookkeeping (lab/stage.py: resume, checkpoints, log lines, the NaN stop)
+and the ranks of torchrun (lab/devices.py: statistics and gradients averaged over them).
+
 Run it through the pipeline (`python mpo.py`, see train.sh); as a function:
 
     models = Models(policy, ref=copy.deepcopy(policy), reward_model=rm, critic=copy.deepcopy(rm))
@@ -52,11 +56,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from data import collate_prompts, decode_text
+from data import collate_prompts
 from dpo import token_logps
-from lab.devices import (all_reduce_mean, autocast, average_gradients, mean_over_ranks,
-                         pick_device, rank, shard, sum_over_ranks, world_size)
-from lab.progress import progress
+from lab.devices import (all_reduce_mean, autocast, average_gradients, masked_mean, masked_var,
+                         mean_over_ranks, pick_device, rank, world_size)
+from lab.ppo_eval import decode, eval_policy, rollout_stats
 from lab.stage import StageRun
 from model import response_mask
 from train import lr_at
@@ -167,20 +171,9 @@ def entropy_from_logits(logits):
     return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
 
 
-def masked_mean(x, mask):
-    """Mean over the real tokens of the whole batch: under torchrun every rank's rows (sum and count
-    all-reduced), so the whitening statistics do not depend on how the batch is split across
-    ranks."""
-    total = all_reduce_mean(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
-    return total[0] / total[1].clamp(min=1)
-
-
-def masked_var(x, mask):
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std with statistics over the real tokens only (detail 12); pads stay 0."""
+    """(x - mean) / std with statistics over the real tokens only (detail 12), of every rank's rows
+    under torchrun (lab/devices.py); pads stay 0."""
     mean = masked_mean(x, mask)
     out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
     return (out if shift_mean else out + mean) * mask
@@ -282,8 +275,8 @@ def policy_loss(logp, old_logp, advantages, clip):
 
 
 def value_loss(values, old_values, returns, clip):
-    """Clipped value loss per token: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
-    Returns (loss, clipped)."""
+    """Clipped value loss per token (OpenAI baselines' ppo2, detail 13): 0.5 max((V - R)^2, (V_old +
+    clip(V - V_old, -eps, eps) - R)^2). Returns (loss, clipped)."""
     unclipped = (values - returns) ** 2
     clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
     return 0.5 * torch.max(unclipped, clipped), (clipped > unclipped).float()
@@ -333,7 +326,8 @@ def ppo_update(models, opts, ro, cfg, generator):
 
 def optimizers(models, cfg, device):
     """AdamW for the actor and for the critic (detail 15). Fused: one pass per parameter instead of
-    a dozen elementwise ones, 5x faster steps on CPU (as train.adamw)."""
+    a dozen elementwise ones, 5x faster steps on CPU (fused as train.adamw; here AdamW's default
+    betas and weight decay on every parameter)."""
     fused = torch.device(device).type in ("cuda", "cpu")
     return tuple(torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps,
                                    weight_decay=cfg.weight_decay, fused=fused)
@@ -345,90 +339,41 @@ def adaptive_kl_coef(kl_coef, kl, n, cfg):
     return kl_coef * (1 + min(max(kl / cfg.kl_target - 1, -0.2), 0.2) * n / cfg.kl_horizon)
 
 
-@torch.no_grad()
-def eval_policy(models, prompt_ids, tok, cfg, gold_reward=None, name="ppo eval"):
-    """One sampled response per prompt, always with the same random draws (a fixed seed), so that
-    evaluations along the stage differ only by the policy: mean RM score, KL to the reference (nats
-    per response), length, share ending with EOS, and the gold reward when the task has one. Under
-    torchrun each rank samples for its shard of the prompts and the sums are gathered."""
-    device = next(models.policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank() * 100003)
-    sums = defaultdict(float)
-    step = cfg.prompts_per_step * cfg.samples_per_prompt
-    mine = shard(prompt_ids)
-    for i in progress(range(0, len(mine), step), name):
-        ro = rollout(models, mine[i:i + step], tok.eot_token, cfg, generator)
-        sums["score"] += float(ro.scores.sum())
-        sums["kl"] += float(((ro.logp - ro.ref_logp) * ro.mask).sum())
-        sums["response_len"] += float(ro.mask.sum())
-        sums["eos_frac"] += float(ro.has_eos.sum())
-        if gold_reward:
-            sums["gold"] += sum(gold_reward(p, r) for p, r in decode(tok, mine[i:i + step], ro))
-    return {k: v / len(prompt_ids) for k, v in sum_over_ranks(sums).items()}
-
-
-def decode(tok, prompt_ids, ro):
-    """(prompt, response) strings of the rollout's rows; the response without its EOS and pads."""
-    return [(tok.decode(p), decode_text(tok, r[m].tolist()))
-            for p, r, m in zip(prompt_ids, ro.responses, ro.mask)]
-
-
-def pick_prompts(prompts, it, per_pass, cfg) -> tuple[list, int]:
+def pick_prompts(prompts, it, cfg) -> tuple[list, int]:
     """Iteration `it`'s share of a pass over the prompts (each pass in a new order), each
     samples_per_prompt times, and their number. Under torchrun each rank samples its share (a rank
     left with none takes the first prompt: every rank must join each gradient all-reduce)."""
-    epoch, k = divmod(it, per_pass)
+    epoch, k = divmod(it, math.ceil(len(prompts) / cfg.prompts_per_step))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
     picked = order.tolist()[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
     batch = [prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
     return batch[rank()::world_size()] or batch[:1], len(batch)
 
 
-def rollout_stats(ro, rewards, mask, kl_coef, pairs, gold_reward=None) -> dict:
-    """What an iteration logs about its rollout: mean score, RLHF reward, KL to the reference (k1,
-    per response), length, share ending with EOS, the critic's explained variance, and the mean
-    gold reward of the decoded (prompt, response) `pairs` when the task has one."""
-    unexplained = masked_var(ro.returns - ro.values, mask)
-    gold = {"gold": sum(gold_reward(p, r) for p, r in pairs) / len(pairs)} if gold_reward else {}
-    return {"score": float(ro.scores.mean()),
-            "rlhf_reward": float(rewards.sum(1).mean()),
-            "kl": float(((ro.logp - ro.ref_logp) * mask).sum(1).mean()),
-            "kl_coef": kl_coef,
-            "response_len": float(mask.sum(1).mean()),
-            "eos_frac": float(ro.has_eos.float().mean()),
-            "explained_variance":
-                1 - float(unexplained / masked_var(ro.returns, mask).clamp(min=1e-8)),
-            **gold}
-
-
 def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None, gold_reward=None,
         stage="ppo"):
-    """Train `models.policy` with PPO on `prompts` (token-id lists) against the frozen reference
-    and RM, the critic alongside; returns (policy, metrics). `gold_reward`, when the task has one,
-    is logged beside the RM score. Rerun with the same out_dir, it resumes (lab/stage.py)."""
+    """PPO-RLHF of models.policy on `prompts` (token ids), critic alongside: (policy, metrics)."""
     if cfg.temperature <= 0:
         raise ValueError(f"ppo: temperature must be > 0 (PPO samples), got {cfg.temperature}")
     policy, critic, device = models.policy, models.critic, pick_device(cfg.device)
-    eval_prompts = eval_prompts and eval_prompts[:cfg.eval_prompts or None]  # a fraction of cost
     models.prepare(device)
     opt_pi, opt_v = optimizers(models, cfg, device)
-    per_pass = math.ceil(len(prompts) / cfg.prompts_per_step)
-    total = cfg.max_iterations or cfg.passes * per_pass
+    total = cfg.max_iterations or cfg.passes * math.ceil(len(prompts) / cfg.prompts_per_step)
     run = StageRun(out_dir, stage, total, unit="iteration", rewrite=False)
     it, ckpt = run.resume(policy=policy, critic=critic, opt_pi=opt_pi, opt_v=opt_v)
     if run.finished:
         return policy, run.result
     kl_coef = ckpt["kl_coef"] if ckpt else cfg.kl_coef
 
-    def evaluate():  # the held-out prompts, with the same random draws every time
-        metrics = eval_policy(models, eval_prompts, tok, cfg, gold_reward, f"{stage} eval")
+    def evaluate():  # the held-out prompts, with the same random draws every time (lab)
+        metrics = eval_policy(rollout, models, eval_prompts, tok, cfg, gold_reward, stage)
         run.log_eval(it, metrics, digits=3)
 
     if it == 0 and eval_prompts:
         evaluate()
     run.start_clock(it)
     while it < total:
-        prompt_ids, n = pick_prompts(prompts, it, per_pass, cfg)
+        prompt_ids, n = pick_prompts(prompts, it, cfg)
         for opt, lr in ((opt_pi, cfg.actor_lr), (opt_v, cfg.critic_lr)):  # detail 15
             opt.param_groups[0]["lr"] = lr_at(it, cfg, total, lr)
         # 1. Rollout. Every random draw comes from generators seeded by (seed, iteration): a
@@ -454,8 +399,7 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         stats = mean_over_ranks(stats | rollout_stats(ro, rewards, mask, kl_coef, pairs,
                                                       gold_reward))
         run.stop_if_not_finite(it, stats)
-        if cfg.kl_target > 0:
-            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], n, cfg)
+        kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], n, cfg) if cfg.kl_target > 0 else kl_coef
         it += 1
         run.count(steps=cfg.ppo_epochs * cfg.num_minibatches,  # the stage's compute
                   tokens=float(ro.attn.sum()) * cfg.ppo_epochs, samples=len(prompt_ids))
@@ -464,6 +408,5 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):
             evaluate()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < total:
-            run.save(it, rng=False, policy=policy, critic=critic, opt_pi=opt_pi, opt_v=opt_v,
-                     kl_coef=kl_coef)
+            run.save(it, policy=policy, critic=critic, opt_pi=opt_pi, opt_v=opt_v, kl_coef=kl_coef)
     return policy, run.finish(it, {"policy": policy.state_dict()})

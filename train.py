@@ -73,8 +73,8 @@ def lr_at(step: int, cfg, total_steps: int, lr: float | None = None) -> float:
 
 
 def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95); weight decay only on >= 2-D tensors (matmuls, embeddings),
-    never on biases, LayerNorm gains or the reward offset (nanoGPT's configure_optimizers)."""
+    """AdamW (Loshchilov & Hutter 2019) with betas (0.9, 0.95); weight decay only on >= 2-D tensors
+    (matmuls, embeddings), never on biases or LayerNorm gains (nanoGPT's configure_optimizers)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -182,5 +182,5 @@ def train(model, loss_fn, train_data, eval_data, cfg: TrainConfig, out_dir, stag
         if eval_data and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
             run.log_eval(step, eval_loss(fwd, loss_fn, eval_data, collate, cfg, f"{stage} eval"))
         if step % cfg.ckpt_every == 0 and step < total:
-            run.save(step, model=model, optimizer=optimizer, data=batches)
+            run.save(step, rng=True, model=model, optimizer=optimizer, data=batches)
     return run.finish(step, {"model": model.state_dict()})

@@ -76,7 +76,7 @@ def main(argv=None):
         where = f"in stage {e}" if isinstance(e, Interrupted) else "outside the training stages"
         print(f"\nmpo: interrupted {where}; rerun with the same --out to resume", file=sys.stderr)
         sys.exit(130)
-    except torch.OutOfMemoryError:  # outside a stage (Stages.run explains its own); before
+    except torch.OutOfMemoryError:  # outside a stage (Stages.stage explains its own); before
         # RuntimeError, which it is
         sys.exit(f"mpo: error: {out_of_memory('sampling')}")
     # Bad data or flag values, a missing download, a checkpoint of another shape, a NaN: one line.

@@ -174,3 +174,15 @@ def map_batches(fn, model, rows, collate, batch_size, device, dtype, name="scori
         with autocast(device, dtype):
             outputs.append(fn(model, batch).float().cpu())
     return unshard(outputs)
+
+
+def masked_mean(x, mask):
+    """Mean over the real tokens of the whole batch: under torchrun every rank's rows (sum and count
+    all-reduced), so the whitening statistics do not depend on how the batch is split across
+    ranks."""
+    total = all_reduce_mean(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+    return total[0] / total[1].clamp(min=1)
+
+
+def masked_var(x, mask):
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)

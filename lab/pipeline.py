@@ -178,13 +178,13 @@ class Run(Stages):
         self.folders = {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
                         "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
 
-    def pairs(self, split, make):
-        """make() -> (rows, gaps), the pairs to split, once per run folder and source (resampling
-        is the costly part): cached in out/pairs_<source>.pt with its settings."""
+    def pairs(self, split, make, *args):
+        """make(*args) -> (rows, gaps), the pairs to split, once per run folder and source
+        (resampling is the costly part): cached in out/pairs_<source>.pt with its settings."""
         cache = pairs_cache(self.out, split)
         if cache.exists():
             return load_pairs(cache)
-        rows, gaps = make()
+        rows, gaps = make(*args)
         save_pairs(cache, rows, gaps, records(self.cfgs, split)["pairs"])
         return rows, gaps
 
@@ -244,8 +244,8 @@ class Run(Stages):
         for text, v in split_variants(run, cfgs["split"]):
             folder, name = variant_folder(self.out, text), f"mpo[{text}]"
             self.folders[name] = [str(folder.relative_to(self.out) / s) for s in ("mpo_dpo", "mpo")]
-            rows, gaps = self.pairs(v, lambda: make_pairs(sft_model, rm, data.pairs_train, v, run,
-                                                          data.tok.eot_token))
+            rows, gaps = self.pairs(v, make_pairs, sft_model, rm, data.pairs_train, v, run,
+                                    data.tok.eot_token)
             v_easy, v_hard, self.variants[name] = split_pairs(rows, gaps, v, folder, data.tok)
             stages = Stages(folder, records(cfgs, v), run.stop_after)
             models[name] = mpo_stages(stages, {**self.budget(v_easy, v_hard), "split": v}, data,

@@ -15,11 +15,28 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+import tiktoken
+
 from lab.weights import download_file, regular_file
 
 
 class DataError(ValueError):
     """Bad input data. The message is one line: `file:line: what is wrong`."""
+
+
+GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
+                    "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6, r50k_base.tiktoken as "
+                    "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 BPE, or a one-line error saying what it needs offline."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken fetches its BPE files on first use (requests, hashes)
+        raise RuntimeError(
+            f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding {GPT2_CACHE_FILES}") from None
 
 
 def _one_line(x) -> str:

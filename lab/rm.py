@@ -95,9 +95,6 @@ def score_pairs(rm, pairs, batch_size, device, dtype):
     return torch.cat(chosen), torch.cat(rejected)
 
 
-# 3. Resample and score: two SFT samples per prompt, the RM's gap between them
-
-
 def gold_gaps(gold_reward, tok, rows) -> torch.Tensor:
     """gold(prompt, chosen) - gold(prompt, rejected) of encoded (prompt, chosen, rejected) rows."""
     def gold(prompt, response):
@@ -139,6 +136,3 @@ def gold_checks(data, eval_gaps, rows, gaps, delta) -> dict:
             "easy_vs_gold": agreement(gaps[easy], split_gold[easy]),
             "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
             "pearson": pearson}
-
-
-# 5. MPO's two stages, and the baselines built from the same pieces

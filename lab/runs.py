@@ -111,7 +111,7 @@ def out_of_memory(name: str) -> str:
             "finished stages and the last checkpoint are kept: rerun with the same --out to resume")
 
 
-# What decides a stage's weights, recorded as it starts (Stages.run, settings.json) and compared
+# What decides a stage's weights, recorded as it starts (Stages.stage, settings.json) and compared
 # before a rerun changes anything (stale_records): the data (dataset, data_dir, template, lengths,
 # max_train), the model (init, or a fresh GPT's shape), the seed, the stage's own config, and the
 # records of the stages it starts from, so a change reaches every stage after it. Not recorded, as

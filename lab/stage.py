@@ -156,7 +156,7 @@ class StageRun:
         shown = " ".join(f"{k} {v:.{digits}f}" for k, v in metrics.items())
         self.log(step, "eval", metrics, f"{self.stage} eval {self.unit} {step}: {shown}")
 
-    def save(self, step: int, rng: bool = True, **objects):
+    def save(self, step: int, rng: bool = False, **objects):
         """A checkpoint to resume from at `step`: the state of each of `objects` (models,
         optimizers, the Batches' position, plain values) and, with `rng`, every RNG's state on each
         rank (gather: every rank takes part)."""

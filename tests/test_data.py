@@ -21,7 +21,7 @@ import torch
 import data
 from data import DataError, Pair
 from helpers import encode  # one pair cut as data.encode_dataset cuts every row
-from lab import readers
+from lab import readers, tasks
 from lab.weights import download_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -389,7 +389,7 @@ def test_load_task_hh_rlhf_from_data_dir(tmp_path, monkeypatch):
 
 
 def test_load_task_tldr_from_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TLDR_BATCHES", (3,))
+    monkeypatch.setattr(tasks, "TLDR_BATCHES", (3,))
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download expected"))
     (tmp_path / "tldr" / "tldr_3_filtered").mkdir(parents=True)
     (tmp_path / "tldr" / "comparisons").mkdir()
@@ -412,7 +412,7 @@ def test_tldr_names_every_missing_file_at_once(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         data.load_task("tldr", data_dir=tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{2 + len(data.TLDR_BATCHES)} of {3 + len(data.TLDR_BATCHES)} data files")
+    assert "\n" not in msg and msg.startswith(f"{2 + len(readers.TLDR_BATCHES)} of {3 + len(readers.TLDR_BATCHES)} data files")
     assert "tldr/tldr_3_filtered/valid.jsonl" in msg and "tldr/comparisons/batch22.json" in msg
     assert f"--data_dir {tmp_path}" in msg and "train.jsonl" not in msg
 

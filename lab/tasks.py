@@ -1,0 +1,45 @@
+"""The real datasets as tasks (data.load_task): a user's jsonl folder, HH-RLHF (helpful-base +
+harmless-base, the held-out data stratified by subset) and TL;DR (the SFT files and the comparison
+batches), their files found under --data_dir or the cache, or downloaded."""
+from data import Pair, Task, interleave, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
+from lab.readers import (TLDR_BATCHES, find_files, hh_rlhf_file, read_jsonl_task,
+                         tldr_comparisons_file, tldr_sft_file)
+
+
+def real_task(name: str, rng, data_dir=None, template: str = "author") -> Task:
+    """The task `name` ("jsonl", "hh-rlhf" or "tldr") before its training rows are shuffled; `rng`
+    orders the held-out rows (files come grouped by subset or batch)."""
+    if name == "jsonl":
+        sft_train, sft_eval, train, test = read_jsonl_task(data_dir)
+        train, test = [Pair(*r) for r in train], [Pair(*r) for r in test]
+        task = Task(name, sft_train, sft_eval, train, test,
+                    list(dict.fromkeys(p.prompt for p in test)), None, "gpt2")
+    elif name == "hh-rlhf":
+        subsets = ("helpful-base", "harmless-base")
+        files = find_files([hh_rlhf_file(s, split) for split in ("train", "test") for s in subsets],
+                           data_dir)
+        train = [p for f in files[:2] for p in read_hh_rlhf(f)]
+        # Held-out data stratified by subset: every prefix (--eval.prompts, --max_eval) holds both.
+        test = interleave({s: read_hh_rlhf(f) for s, f in zip(subsets, files[2:])}, rng)
+        prompts = interleave({s: list(dict.fromkeys(p.prompt for s2, p in test if s2 == s))
+                              for s in subsets}, rng)
+        prompts = list({p: s for s, p in prompts}.items())  # a prompt in both subsets counts once
+        pairs_eval = [p for _, p in test]
+        task = Task(name, [(p.prompt, p.chosen) for p in train],
+                    [(p.prompt, p.chosen) for p in pairs_eval],
+                    train, pairs_eval, [p for p, _ in prompts], None, "gpt2", prompt_cut="turns",
+                    eval_subsets=[s for _, s in prompts])
+    elif name == "tldr":
+        files = find_files([tldr_sft_file(split) for split in ("train", "valid", "test")]
+                           + [tldr_comparisons_file(b) for b in TLDR_BATCHES], data_dir)
+        sft_train, sft_eval, sft_test = (read_tldr_sft(f, template) for f in files[:3])
+        train, valid = ([p for f in files[3:] for p in read_tldr_comparisons(f, template, split)]
+                        for split in ("train", "valid"))
+        prompts = list(dict.fromkeys(p for p, _ in sft_test))
+        for held_out in (sft_eval, valid, prompts):  # in file order: by batch and by subreddit
+            rng.shuffle(held_out)
+        task = Task(name, sft_train, sft_eval, train, valid, prompts, None, "gpt2",
+                    prompt_cut="post")
+    else:
+        raise ValueError(f"unknown task {name!r} (valid: demo, jsonl, hh-rlhf, tldr)")
+    return task
