@@ -16,8 +16,8 @@ reference is frozen. With h the difference of log-ratios,
     policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
 
 `encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset. The
-lab keeps the fast log-prob kernel (lab/speed.py: the same numbers as log_softmax + gather, with
-less memory) and the batching of the reference pass, sharded under torchrun (lab/devices.py).
+lab keeps the fast log-prob kernel and the reference's log-probs computed once (lab/speed.py: the
+same numbers with less memory and time).
 Tests: python -m pytest -q tests/test_dpo.py
 """
 from dataclasses import dataclass
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs
-from lab.devices import map_batches, pick_device
+from lab.devices import pick_device
 from lab.speed import token_logps as fast_token_logps
+from lab.speed import with_ref_logps
 from train import TrainConfig, train
 
 
@@ -82,25 +83,6 @@ def response_logps(model, batch):
     return (token_logps(logits, tokens[:, start + 1:]) * mask[:, start + 1:]).sum(-1)
 
 
-def with_ref_logps(ref, pairs, cfg: DPOConfig, name="dpo"):
-    """Each pair extended with the reference's (chosen, rejected) summed log-probs, computed once
-    in batches of cfg.batch_size, so training needs no reference forward (TRL's
-    precompute_ref_log_probs)."""
-    logps = map_batches(response_logps, ref, pairs, collate_pairs, cfg.batch_size,
-                        pick_device(cfg.device), cfg.dtype, f"{name}: reference log-probs")
-    chosen, rejected = zip(*(b.chunk(2) for b in logps))  # collate_pairs: chosen rows first
-    return [(*pair, c, r) for pair, c, r in
-            zip(pairs, torch.cat(chosen).tolist(), torch.cat(rejected).tolist())]
-
-
-def collate_with_ref(rows):
-    """collate_pairs plus the precomputed reference log-probs in the same order: chosen rows, then
-    rejected."""
-    batch = collate_pairs([row[:3] for row in rows])
-    batch["ref_logps"] = torch.tensor([row[3] for row in rows] + [row[4] for row in rows])
-    return batch
-
-
 def dpo_step_loss(model, ref, batch, cfg: DPOConfig):
     """The DPO stage's loss_fn: mean loss over the pairs of a collate_pairs batch, and its metrics.
     The reference log-probs come from the batch when precomputed, else from a forward of `ref`."""
@@ -131,11 +113,9 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo
     device = pick_device(cfg.device)
     ref.to(device).eval().requires_grad_(False)
     collate = collate_pairs
-    if cfg.precompute_ref:
-        print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
-        pairs = with_ref_logps(ref, pairs, cfg, stage)
-        eval_pairs = eval_pairs and with_ref_logps(ref, eval_pairs, cfg, stage)
-        collate = collate_with_ref
+    if cfg.precompute_ref:  # the reference's log-probs once, as data: no reference forward a step
+        pairs, eval_pairs, collate = with_ref_logps(response_logps, ref, pairs, eval_pairs, cfg,
+                                                    stage)
 
     def loss_fn(model, batch):
         return dpo_step_loss(model, ref, batch, cfg)

@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import collate_pairs
+from lab.devices import map_batches, pick_device
+
 HEAD_CHUNK = 1024  # vocabulary rows per LM-head chunk while decoding (decode_logits)
 EOS_CHECK_EVERY = 16  # decoding steps between the host's looks at "every row has ended" on a GPU
 
@@ -101,3 +104,28 @@ class TokenLogps(torch.autograd.Function):
         grad = grad.unsqueeze(-1)
         grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad)  # -softmax * grad
         return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad), None
+
+
+def with_ref_logps(response_logps, ref, pairs, eval_pairs, cfg, stage="dpo"):
+    """The DPO stage's pairs, and held-out pairs, each extended with the reference's (chosen,
+    rejected) summed log-probs (`response_logps` of `ref`), computed once in batches of
+    cfg.batch_size, and the collate that puts them in a batch as "ref_logps": training then needs
+    no reference forward (TRL's precompute_ref_log_probs). Returns (pairs, eval_pairs, collate)."""
+    print(f"{stage}: reference log-probs of {len(pairs) + len(eval_pairs or [])} pairs")
+
+    def extend(rows):
+        logps = map_batches(response_logps, ref, rows, collate_pairs, cfg.batch_size,
+                            pick_device(cfg.device), cfg.dtype, f"{stage}: reference log-probs")
+        chosen, rejected = zip(*(b.chunk(2) for b in logps))  # collate_pairs: chosen rows first
+        return [(*pair, c, r) for pair, c, r in
+                zip(rows, torch.cat(chosen).tolist(), torch.cat(rejected).tolist())]
+
+    return extend(pairs), eval_pairs and extend(eval_pairs), collate_with_ref
+
+
+def collate_with_ref(rows):
+    """collate_pairs plus the precomputed reference log-probs in the same order: chosen rows, then
+    rejected."""
+    batch = collate_pairs([row[:3] for row in rows])
+    batch["ref_logps"] = torch.tensor([row[3] for row in rows] + [row[4] for row in rows])
+    return batch
