@@ -13,6 +13,7 @@ from lab.pipeline import RunConfig, run_pipeline
 from lab.runs import Interrupted, StopAfter, out_of_memory, release_run_folders
 from lab.speed import keep_freed_memory
 from lab.study import run_study
+from lab.use import main_export, main_sample
 from mpo import EvalConfig, RMConfig, SFTConfig, SplitConfig
 from ppo import PPOConfig
 
@@ -52,8 +53,10 @@ def parse_args(argv=None) -> dict:
     parser = flag_parser(
         CONFIGS, description=DESCRIPTION,
         usage="python mpo.py [--dataset demo|jsonl|hh-rlhf|tldr] [--preset demo] [--init gpt2] "
-              "[--out DIR] [--GROUP.FIELD VALUE ...]",
-        epilog=f"--preset demo (implied by --dataset demo) sets: {preset_text}")
+              "[--out DIR] [--GROUP.FIELD VALUE ...]\n       python mpo.py sample|export --help",
+        epilog=f"--preset demo (implied by --dataset demo) sets: {preset_text}. What a run "
+               "trained: `python mpo.py sample` answers prompts with any of its stages, `python "
+               "mpo.py export` writes one in a Hugging Face layout (lab/use.py).")
     given = given_flags(parser, argv)
     dataset = given.get("run", {}).get("dataset", RunConfig.dataset)
     demo = dataset == "demo" or given.get("run", {}).get("preset", RunConfig.preset) == "demo"
@@ -64,6 +67,13 @@ def parse_args(argv=None) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["sample"], ["export"]):  # use what a run trained (lab/use.py)
+        try:
+            (main_sample if argv[0] == "sample" else main_export)(argv[1:])
+        except (ValueError, RuntimeError, OSError) as e:
+            sys.exit(f"mpo {argv[0]}: error: " + " ".join(str(e).split()))
+        return
     keep_freed_memory()  # glibc keeps freed logits-sized blocks for reuse (lab/speed.py)
     cfgs = parse_args(argv)
     try:
