@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mpo
-from data import collate_prompts, get_tokenizer
+from data import collate_prompts
 from lab.use import load_stage, sample
 from lab.weights import read_safetensors, write_safetensors
 from model import GPT
