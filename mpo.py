@@ -348,7 +348,8 @@ def parse_args(argv=None) -> dict:
 
 
 def main(argv=None):
-    """`python mpo.py [flags]`: the study (one run by default on real data) and its report."""
+    """`python mpo.py [flags]`: the study (one run by default on real data) and its report;
+    `python mpo.py sample|export ...`: use what a run trained (lab/use.py)."""
     from lab.cli import main
     main(argv)
 
