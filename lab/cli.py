@@ -9,7 +9,7 @@ from data import DemoConfig
 from dpo import DPOConfig
 from lab.devices import setup_distributed
 from lab.flags import flag_parser, given_flags, make_configs
-from lab.pipeline import RunConfig, run_pipeline
+from lab.pipeline import RunConfig, check_task, run_pipeline
 from lab.runs import Interrupted, StopAfter, out_of_memory, release_run_folders
 from lab.speed import keep_freed_memory
 from lab.study import run_study
@@ -78,6 +78,8 @@ def main(argv=None):
     cfgs = parse_args(argv)
     try:
         setup_distributed()  # under torchrun; a no-op otherwise
+        if cfgs["run"].seeds > 1 or cfgs["run"].sweep:
+            check_task(cfgs)  # here, before a seed's process starts
         report = run_study(cfgs, run_pipeline)  # one run, or one per seed and --sweep multiple
     except StopAfter as e:
         print(f"stopped after {e}, as --stop_after asked; rerun with the same --out to go on")

@@ -121,8 +121,9 @@ def sweep_factors(text: str) -> list:
         factors = [float(t) for t in text.split(",")]
     except ValueError:
         factors = []
-    if not factors or any(not x > 0 for x in factors):
-        raise ValueError(f"expected multiples > 0 separated by commas, e.g. 0.5,1,2; got {text!r}")
+    if not factors or any(not (x > 0 and math.isfinite(x)) for x in factors):
+        raise ValueError(f"expected finite multiples > 0 separated by commas, e.g. 0.5,1,2; got "
+                         f"{text[:40]!r}")
     return factors
 
 
@@ -193,6 +194,9 @@ def make_configs(classes: dict, preset: dict, given: dict) -> dict:
     return cfgs
 
 
+MAX_SEEDS = 1000  # --seeds at most (the demo's 10 seeds take about 10 minutes on 2 cores)
+
+
 def check_run_flags(run, split_class):
     """The run's list-valued flags: --methods, --seeds, --sweep and --variants."""
     if unknown := sorted(set(filter(None, run.methods.split(","))) - set(METHODS)):
@@ -200,6 +204,8 @@ def check_run_flags(run, split_class):
                          f"(choose from {', '.join(METHODS)})")
     if run.seeds < 1:
         raise ValueError(f"argument --seeds: must be at least 1, got {run.seeds}")
+    if run.seeds > MAX_SEEDS:
+        raise ValueError(f"argument --seeds: must be at most {MAX_SEEDS}, got {run.seeds}")
     try:
         run.sweep and sweep_factors(run.sweep)
     except ValueError as e:

@@ -18,7 +18,7 @@ from lab.checkpoints import atomic_save
 from lab.devices import pick_device
 from lab.estimates import print_memory_estimate, print_plan, sampling_batch
 from lab.flags import split_variants
-from lab.readers import load_gold_reward
+from lab.readers import jsonl_file, load_gold_reward
 from lab.report import write_report
 from lab.results import METRICS, study
 from lab.rm import gold_checks, score_pairs
@@ -118,7 +118,26 @@ def load_data(run: RunConfig, eval_prompts: int, demo: DemoConfig) -> Data:
     kept = []  # stratified by subset where the task has them (data.interleave)
     data.prompts_eval = encode(task.prompts_eval[:eval_prompts], "prompts_eval", kept)
     data.subsets = [task.eval_subsets[i] for i in kept] if task.eval_subsets else None
+    for rows, what, stem in ((data.sft_train, "SFT example", "sft_train"),
+                             (data.pairs_train, "preference pair", "train"),
+                             (data.prompts_eval, "held-out prompt", "test")):
+        if not rows:  # before any stage trains: name the file, not the stage that would fail
+            where = f"--dataset {run.dataset}"
+            if run.dataset == "jsonl":
+                where = (jsonl_file(run.data_dir, stem, required=False)
+                         or jsonl_file(run.data_dir, "train"))  # SFT rows from the pairs
+            raise ValueError(f"{where}: no usable {what} once encoded (each empty, with chosen == "
+                             "rejected, or cut to nothing by --max_prompt_len and "
+                             "--max_response_len)")
     return data
+
+
+def check_task(cfgs: dict):
+    """A study's seeds each load the task in their own process: a user's task (or gold reward)
+    is checked once here first, so that a bad line stops the study before --out changes."""
+    run = cfgs["run"]
+    if run.dataset == "jsonl" or run.gold_reward:
+        load_data(run, cfgs["eval"].prompts, cfgs["demo"])
 
 
 def base_model(run: RunConfig, vocab_size: int) -> GPT:

@@ -67,6 +67,10 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as e:
                     raise DataError(
                         f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
+                except ValueError as e:  # a number of more digits than Python converts
+                    raise DataError(f"{path}:{n}: unreadable JSON ({_one_line(e)[:80]})") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
                 seen = True
@@ -186,7 +190,7 @@ def download_tldr_comparisons(batch: int, cache_dir=None, data_dir=None) -> Path
     return _find(*tldr_comparisons_file(batch), cache_dir, data_dir)
 
 
-def _jsonl_file(data_dir, stem: str, required: bool = True) -> Path | None:
+def jsonl_file(data_dir, stem: str, required: bool = True) -> Path | None:
     for path in (Path(data_dir) / f"{stem}.jsonl", Path(data_dir) / f"{stem}.jsonl.gz"):
         if path.exists():
             return path
@@ -210,11 +214,11 @@ def read_jsonl_task(data_dir) -> tuple[list, list, list, list]:
     if not data_dir:
         raise DataError("--dataset jsonl needs --data_dir DIR holding train.jsonl and test.jsonl")
     keys = ("prompt", "chosen", "rejected")
-    train, test = (read_jsonl_rows(_jsonl_file(data_dir, split), keys)
+    train, test = (read_jsonl_rows(jsonl_file(data_dir, split), keys)
                    for split in ("train", "test"))
 
     def sft_rows(split, pairs):
-        path = _jsonl_file(data_dir, f"sft_{split}", required=False)
+        path = jsonl_file(data_dir, f"sft_{split}", required=False)
         if path:
             return read_jsonl_rows(path, ("prompt", "completion"))
         return [(prompt, chosen) for prompt, chosen, _ in pairs]

@@ -15,6 +15,7 @@ import torch
 from lab.devices import pick_device, world_size
 from lab.flags import sweep_factors
 from lab.results import seed_record, study, write_study, write_sweep
+from lab.runs import lock_run_folder
 from lab.speed import keep_freed_memory
 
 
@@ -53,9 +54,10 @@ def run_study(cfgs: dict, pipeline) -> Path:
     """`pipeline(cfgs) -> report.md` (lab.pipeline.run_pipeline) once, or once per seed (--seeds N)
     and per regularisation strength (--sweep); returns the report that sums them up."""
     run = cfgs["run"]
-    if run.sweep:
-        return run_sweep(cfgs, pipeline)
-    return pipeline(cfgs) if run.seeds <= 1 else run_seeds(cfgs, pipeline)
+    if run.seeds <= 1 and not run.sweep:
+        return pipeline(cfgs)
+    lock_run_folder(out_folder(run))  # one study per --out, refused before any seed starts
+    return run_sweep(cfgs, pipeline) if run.sweep else run_seeds(cfgs, pipeline)
 
 
 def run_seed(pipeline, cfgs: dict, log=None) -> Path:
@@ -93,8 +95,8 @@ def run_seeds(cfgs: dict, pipeline) -> Path:
     cores = os.cpu_count() or 1
     parallel = pick_device(run.device).type == "cpu" and world_size() == 1 and cores > 1
     workers = min(len(seeds), cores) if parallel else 1
-    print(f"study: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {workers} at a time, one "
-          "thread each; "
+    listed = ", ".join(map(str, seeds)) if len(seeds) <= 10 else f"{seeds[0]} to {seeds[-1]}"
+    print(f"study: {len(seeds)} seeds ({listed}), {workers} at a time, one thread each; "
           f"each seed's log: {out}/seed_<s>/log.txt")
     if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
         spawn = multiprocessing.get_context("spawn")

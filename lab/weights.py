@@ -52,6 +52,8 @@ def load_gpt2(cls, path_or_name, cache_dir=None):
         except Exception as e:  # pickle code refused, a truncated zip, not a state dict
             why = " ".join(str(e).split())[:200]
             raise ValueError(f"{path}: not a weights-only state dict ({why})") from None
+    if bad := [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]:
+        raise ValueError(f"{path}: {bad[0]} holds NaN or inf weights ({len(bad)} such tensors)")
     # The config decides what gets allocated: check its parameter count against the file's
     # before anything is built.
     C, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.block_size

@@ -1,0 +1,107 @@
+"""A study refuses bad input before it starts: its flags, a second study on the same --out, a user's
+task with nothing usable in it; and single runs name the file of a line or a checkpoint they cannot
+use. python -m pytest -q tests/test_study_input.py"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpo
+from lab.readers import DataError, read_jsonl
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--sft.max_steps", "2",
+        "--rm.max_steps", "2", "--methods", "", "--eval.prompts", "4"]
+
+
+def error_of(argv) -> str:
+    """mpo.main(argv) must stop with one line "mpo: error: ..."; returns it."""
+    with pytest.raises(SystemExit) as stop:
+        mpo.main(argv)
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("mpo: error: ") and "\n" not in message, message
+    return message
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seeds", "100000"], "argument --seeds: must be at most 1000, got 100000"),
+    (["--sweep", "inf"], "argument --sweep: expected finite multiples > 0"),
+    (["--sweep", "1,-inf"], "argument --sweep: expected finite multiples > 0"),
+])
+def test_study_flags_are_bounded_before_anything_runs(argv, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        mpo.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert expected in err and max(map(len, err.splitlines())) < 400
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; "
+                               f"sys.path.insert(0, {str(REPO)!r}); from lab import runs; "
+                               f"runs.lock_run_folder(Path({str(out)!r})); print('locked', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        message = error_of(["--out", str(out), *TINY, "--seeds", "3"])
+        assert message == (f"mpo: error: {out}: in use by another run (pid {holder.pid}, which holds "
+                           f"{out / '.lock'}); wait for it to end, or use another --out")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no seed started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("seeds", ["1", "2"])
+@pytest.mark.parametrize("bad, where, what", [
+    ("train", "train.jsonl", "no usable preference pair once encoded"),
+    ("test", "test.jsonl", "no usable held-out prompt once encoded"),
+])
+def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, seeds, tmp_path):
+    task = tmp_path / "task"
+    task.mkdir()
+    pairs = [{"prompt": f"Q: {i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(4)]
+    if bad == "train":  # every pair's two responses the same
+        write_jsonl(task / "train.jsonl", [p | {"rejected": p["chosen"]} for p in pairs])
+        write_jsonl(task / "test.jsonl", pairs)
+    else:  # every held-out prompt empty
+        write_jsonl(task / "train.jsonl", pairs)
+        write_jsonl(task / "test.jsonl", [p | {"prompt": ""} for p in pairs])
+    out = tmp_path / "out"
+    message = error_of(["--dataset", "jsonl", "--data_dir", str(task), "--tokenizer", "byte",
+                        "--preset", "demo", "--seeds", seeds, "--out", str(out), *TINY])
+    assert message.startswith(f"mpo: error: {task / where}: {what}")
+    assert not out.exists()  # a fresh --out stays untouched, also by a study's seeds
+
+
+def test_a_line_too_deep_or_a_number_too_long_names_its_file_and_line(tmp_path):
+    deep = write_jsonl(tmp_path / "deep.jsonl", [{"prompt": "p"}])
+    deep.write_text(deep.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=rf"^{deep}:2: JSON nested too deeply to read$"):
+        list(read_jsonl(deep))
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{long}:1: unreadable JSON \(Exceeds the limit"):
+        list(read_jsonl(long))
+
+
+def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path):
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    with torch.no_grad():
+        gpt.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    gpt.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"model.safetensors: (transformer\.)?h\.0\.mlp\.c_fc\.weight holds NaN"):
+        GPT.from_pretrained(tmp_path / "nan")
+    message = error_of(["--init", str(tmp_path / "nan"), "--seeds", "1", "--out", str(tmp_path / "out"),
+                        "--device", "cpu", "--demo.pairs_train", "300"])
+    assert "h.0.mlp.c_fc.weight holds NaN or inf weights" in message and not (tmp_path / "out").exists()
