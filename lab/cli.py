@@ -1,6 +1,7 @@
 """The command line of `python mpo.py`: the configs of every stage as flags (lab/flags.py makes
 them), the demo's preset, the dataset defaults, and `main`, which runs one run folder or the study
 (lab/study.py) and turns every failure into one line."""
+import signal
 import sys
 
 import torch
@@ -12,7 +13,7 @@ from lab.flags import flag_parser, given_flags, make_configs
 from lab.pipeline import RunConfig, check_task, run_pipeline
 from lab.runs import Interrupted, StopAfter, out_of_memory, release_run_folders
 from lab.speed import keep_freed_memory
-from lab.study import run_study
+from lab.study import StudyInterrupted, interrupt_once, run_study
 from lab.use import main_export, main_sample
 from mpo import EvalConfig, RMConfig, SFTConfig, SplitConfig
 from ppo import PPOConfig
@@ -76,6 +77,7 @@ def main(argv=None):
         return
     keep_freed_memory()  # glibc keeps freed logits-sized blocks for reuse (lab/speed.py)
     cfgs = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, interrupt_once)  # `kill`: as Ctrl-C
     try:
         setup_distributed()  # under torchrun; a no-op otherwise
         if cfgs["run"].seeds > 1 or cfgs["run"].sweep:
@@ -86,6 +88,7 @@ def main(argv=None):
         return
     except KeyboardInterrupt as e:  # Ctrl-C: finished stages and the last checkpoint are on disk
         where = f"in stage {e}" if isinstance(e, Interrupted) else "outside the training stages"
+        where = f"({e})" if isinstance(e, StudyInterrupted) else where
         print(f"\nmpo: interrupted {where}; rerun with the same --out to resume", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError:  # outside a stage (Stages.stage explains its own); before
@@ -95,5 +98,6 @@ def main(argv=None):
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit("mpo: error: " + " ".join(str(e).split()))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         release_run_folders()
     print(f"report: {report}")

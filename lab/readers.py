@@ -245,7 +245,7 @@ def load_gold_reward(spec: str, sample: tuple[str, str]) -> Callable[[str, str],
     def gold(prompt: str, response: str) -> float:
         try:
             value = float(fn(prompt, response))
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() in it too; Ctrl-C stays an interrupt
             raise ValueError(f"--gold_reward {spec}: raised {type(e).__name__}: {_one_line(e)} "
                              f"on prompt {prompt[:60]!r}") from None
         if not math.isfinite(value):

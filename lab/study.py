@@ -5,17 +5,21 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
+from queue import Empty
 
 import torch
 
 from lab.devices import pick_device, world_size
 from lab.flags import sweep_factors
 from lab.results import seed_record, study, write_study, write_sweep
-from lab.runs import lock_run_folder
+from lab.runs import ORDER, Interrupted, lock_run_folder
 from lab.speed import keep_freed_memory
 
 
@@ -71,6 +75,110 @@ def run_seed(pipeline, cfgs: dict, log=None) -> Path:
         return pipeline(cfgs)
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGINT or SIGTERM to a study: where each seed stopped, for main's one line."""
+
+
+def seed_process(pipeline, job: dict, queue):
+    """One seed in a process of its own (spawned): its outcome goes to `queue` as (seed, kind,
+    text), kind "done" (text: the report), "interrupted" (where) or "error" (one line). The
+    terminal's Ctrl-C is the study's to pass on, as a SIGTERM that stops the seed in its stage; and
+    a seed whose study is gone, however it ended, stops too."""
+    keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, interrupt_once)
+    parent = os.getppid()
+
+    def watch():  # no orphans: the stage's last checkpoint is on disk for a rerun
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    seed = job["run"].seed
+    try:
+        queue.put((seed, "done", str(run_seed(pipeline, job, Path(job["run"].out) / "log.txt"))))
+    except KeyboardInterrupt as e:
+        queue.put((seed, "interrupted",
+                   f"in stage {e}" if isinstance(e, Interrupted) else "outside the stages"))
+    except BaseException as e:  # a SystemExit too: the study says it in one line
+        queue.put((seed, "error", " ".join(str(e).split()) or type(e).__name__))
+
+
+def interrupt_once(signum, frame):
+    """SIGTERM as Ctrl-C, once: a second one, while the stage winds down, is ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def last_stage(log: Path) -> str:
+    """The stage a seed's log names last, for a process that died without a word."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    names = [m[1] for line in lines if (m := re.match(r"(\w+)[ :]", line)) and m[1] in ORDER]
+    return f"stage {names[-1]}" if names else "no stage yet"
+
+
+def run_in_processes(pipeline, jobs: list, workers: int):
+    """The seeds' jobs, `workers` processes at a time. Ctrl-C, SIGINT or SIGTERM to this process
+    starts no other seed and stops the running ones in their stages: StudyInterrupted says where
+    each stopped. A seed that fails, or whose process dies, stops the others; a one-line error
+    names it (and the stage its log names last)."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked thread pools
+    queue, waiting, running, outcome = spawn.Queue(), list(jobs), {}, {}
+    logs = {job["run"].seed: Path(job["run"].out) / "log.txt" for job in jobs}
+
+    def receive(timeout):  # one seed's outcome; a process that ended without one died
+        try:
+            seed, kind, text = queue.get(timeout=timeout)
+        except Empty:
+            for seed, p in list(running.items()):
+                if p.exitcode is not None and queue.empty():
+                    del running[seed]
+                    outcome[seed] = ("died", f"its process died (exit code {p.exitcode})")
+            return
+        running.pop(seed).join()
+        outcome[seed] = (kind, text)
+        if kind == "done":
+            print(f"study: {text} done")
+
+    def stop_running():  # each stops in its stage; a minute at most
+        for p in running.values():
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.time() + 60
+        while running and time.time() < deadline:
+            receive(timeout=0.5)
+
+    previous = signal.signal(signal.SIGTERM, interrupt_once)
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                job = waiting.pop(0)
+                running[job["run"].seed] = spawn.Process(target=seed_process,
+                                                         args=(pipeline, job, queue))
+                running[job["run"].seed].start()
+            receive(timeout=1.0)
+            if failed := [s for s, (kind, _) in outcome.items() if kind in ("error", "died")]:
+                waiting.clear()
+                stop_running()
+                kind, text = outcome[failed[0]]
+                where = f" in {last_stage(logs[failed[0]])}" if kind == "died" else ""
+                raise RuntimeError(f"seed {failed[0]}: {text}{where}; its log: "
+                                   f"{logs[failed[0]]}; finished seeds and stages are kept, "
+                                   "rerun with the same --out to go on")
+    except KeyboardInterrupt:
+        waiting.clear()
+        stop_running()
+        where = {"done": "done", "interrupted": "{}", "died": "stopped", "error": "failed: {}"}
+        raise StudyInterrupted(", ".join(
+            f"seed {seed} " + where.get(kind, "not started").format(text)
+            for seed, (kind, text) in ((seed, outcome.get(seed, ("", ""))) for seed in logs)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for p in running.values():  # what a minute did not stop
+            p.kill()
+
+
 def run_seeds(cfgs: dict, pipeline) -> Path:
     """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/
     (resumed like any run folder), on the same task data (--data_seed); the stages' seeds shift with
@@ -98,13 +206,8 @@ def run_seeds(cfgs: dict, pipeline) -> Path:
     listed = ", ".join(map(str, seeds)) if len(seeds) <= 10 else f"{seeds[0]} to {seeds[-1]}"
     print(f"study: {len(seeds)} seeds ({listed}), {workers} at a time, one thread each; "
           f"each seed's log: {out}/seed_<s>/log.txt")
-    if workers > 1:  # spawn: a fresh interpreter per process (no forked torch thread pools)
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=keep_freed_memory) as pool:
-            futures = [pool.submit(run_seed, pipeline, job, Path(job["run"].out) / "log.txt")
-                       for job in jobs]
-            for done in as_completed(futures):
-                print(f"study: {done.result()} done")
+    if workers > 1:
+        run_in_processes(pipeline, jobs, workers)
     else:
         for job in jobs:
             print(f"study: {run_seed(pipeline, job)} done")
