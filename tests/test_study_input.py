@@ -105,3 +105,11 @@ def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path):
     message = error_of(["--init", str(tmp_path / "nan"), "--seeds", "1", "--out", str(tmp_path / "out"),
                         "--device", "cpu", "--demo.pairs_train", "300"])
     assert "h.0.mlp.c_fc.weight holds NaN or inf weights" in message and not (tmp_path / "out").exists()
+
+
+def test_a_gold_function_that_exits_is_one_line_naming_it(tmp_path):
+    from lab.readers import load_gold_reward
+    (tmp_path / "gold.py").write_text("import sys\ndef gold(prompt, response):\n    sys.exit(3)\n")
+    spec = f"{tmp_path / 'gold.py'}:gold"
+    with pytest.raises(ValueError, match=rf"^--gold_reward {spec}: raised SystemExit: 3 on prompt 'p'$"):
+        load_gold_reward(spec, ("p", " r"))
