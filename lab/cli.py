@@ -54,7 +54,7 @@ def parse_args(argv=None) -> dict:
     parser = flag_parser(
         CONFIGS, description=DESCRIPTION,
         usage="python mpo.py [--dataset demo|jsonl|hh-rlhf|tldr] [--preset demo] [--init gpt2] "
-              "[--out DIR] [--GROUP.FIELD VALUE ...]\n       python mpo.py sample|export --help",
+              "[--out DIR] [--GROUP.FIELD VALUE ...]",
         epilog=f"--preset demo (implied by --dataset demo) sets: {preset_text}. What a run "
                "trained: `python mpo.py sample` answers prompts with any of its stages, `python "
                "mpo.py export` writes one in a Hugging Face layout (lab/use.py).")

@@ -116,13 +116,13 @@ def split_variants(run, split) -> list:
 
 
 def sweep_factors(text: str) -> list:
-    """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each > 0."""
+    """"0.5,1,2" -> [0.5, 1.0, 2.0]: the --sweep multiples, each finite and > 0."""
     try:
         factors = [float(t) for t in text.split(",")]
     except ValueError:
         factors = []
     if not factors or any(not (x > 0 and math.isfinite(x)) for x in factors):
-        raise ValueError(f"expected finite multiples > 0 separated by commas, e.g. 0.5,1,2; got "
+        raise ValueError(f"expected multiples > 0 separated by commas, e.g. 0.5,1,2; got "
                          f"{text[:40]!r}")
     return factors
 

@@ -34,8 +34,8 @@ def write_jsonl(path, rows):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--seeds", "100000"], "argument --seeds: must be at most 1000, got 100000"),
-    (["--sweep", "inf"], "argument --sweep: expected finite multiples > 0"),
-    (["--sweep", "1,-inf"], "argument --sweep: expected finite multiples > 0"),
+    (["--sweep", "inf"], "argument --sweep: expected multiples > 0 separated by commas"),
+    (["--sweep", "1,nan"], "argument --sweep: expected multiples > 0 separated by commas"),
 ])
 def test_study_flags_are_bounded_before_anything_runs(argv, expected, tmp_path, capsys):
     with pytest.raises(SystemExit):
