@@ -4,8 +4,8 @@ prefix), parsed and checked before anything is read or written.
     parser = flag_parser(CONFIGS, usage=..., description=..., epilog=...)  # argparse's keywords
     cfgs = make_configs(CONFIGS, preset, given_flags(parser, argv))  # {group: config}, checked
 
-mpo.py holds the configs, the presets and `parse_args`; this file, how flags become configs and what
-each flag accepts.
+The learner's files hold the configs, lab/cli.py the presets and `parse_args`; this file, how flags
+become configs and what each flag accepts.
 """
 import argparse
 import inspect
