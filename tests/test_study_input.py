@@ -12,19 +12,11 @@ import torch
 import mpo
 from lab.readers import DataError, read_jsonl
 from model import GPT, GPTConfig
+from test_robust import error_of  # mpo.main's one line "mpo: error: ..."
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--sft.max_steps", "2",
         "--rm.max_steps", "2", "--methods", "", "--eval.prompts", "4"]
-
-
-def error_of(argv) -> str:
-    """mpo.main(argv) must stop with one line "mpo: error: ..."; returns it."""
-    with pytest.raises(SystemExit) as stop:
-        mpo.main(argv)
-    message = stop.value.code
-    assert isinstance(message, str) and message.startswith("mpo: error: ") and "\n" not in message, message
-    return message
 
 
 def write_jsonl(path, rows):
@@ -45,7 +37,7 @@ def test_study_flags_are_bounded_before_anything_runs(argv, expected, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path):
+def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; "
                                f"sys.path.insert(0, {str(REPO)!r}); from lab import runs; "
@@ -53,7 +45,7 @@ def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path):
                                "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        message = error_of(["--out", str(out), *TINY, "--seeds", "3"])
+        message = error_of(["--out", str(out), *TINY, "--seeds", "3"], capsys)
         assert message == (f"mpo: error: {out}: in use by another run (pid {holder.pid}, which holds "
                            f"{out / '.lock'}); wait for it to end, or use another --out")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no seed started
@@ -67,7 +59,7 @@ def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path):
     ("train", "train.jsonl", "no usable preference pair once encoded"),
     ("test", "test.jsonl", "no usable held-out prompt once encoded"),
 ])
-def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, seeds, tmp_path):
+def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, seeds, tmp_path, capsys):
     task = tmp_path / "task"
     task.mkdir()
     pairs = [{"prompt": f"Q: {i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(4)]
@@ -79,7 +71,7 @@ def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, s
         write_jsonl(task / "test.jsonl", [p | {"prompt": ""} for p in pairs])
     out = tmp_path / "out"
     message = error_of(["--dataset", "jsonl", "--data_dir", str(task), "--tokenizer", "byte",
-                        "--preset", "demo", "--seeds", seeds, "--out", str(out), *TINY])
+                        "--preset", "demo", "--seeds", seeds, "--out", str(out), *TINY], capsys)
     assert message.startswith(f"mpo: error: {task / where}: {what}")
     assert not out.exists()  # a fresh --out stays untouched, also by a study's seeds
 
@@ -95,7 +87,7 @@ def test_a_line_too_deep_or_a_number_too_long_names_its_file_and_line(tmp_path):
         list(read_jsonl(long))
 
 
-def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path):
+def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path, capsys):
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
     with torch.no_grad():
         gpt.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
@@ -103,7 +95,7 @@ def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors: (transformer\.)?h\.0\.mlp\.c_fc\.weight holds NaN"):
         GPT.from_pretrained(tmp_path / "nan")
     message = error_of(["--init", str(tmp_path / "nan"), "--seeds", "1", "--out", str(tmp_path / "out"),
-                        "--device", "cpu", "--demo.pairs_train", "300"])
+                        "--device", "cpu", "--demo.pairs_train", "300"], capsys)
     assert "h.0.mlp.c_fc.weight holds NaN or inf weights" in message and not (tmp_path / "out").exists()
 
 
