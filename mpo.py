@@ -29,7 +29,7 @@ from lab.estimates import sampling_batch
 from lab.progress import progress
 from lab.report import subset_results
 from lab.rm import batch_scores, gap_tables, normalize_scores, score_pairs
-from model import ScalarModel, response_mask
+from model import GPTConfig, ScalarModel, response_mask
 from ppo import Models, ppo
 from train import TrainConfig, autocast, train
 
@@ -117,11 +117,16 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     return rm, metrics
 
 
+def reward_model_shape(cfg: RMConfig, policy: GPTConfig) -> GPTConfig:
+    """The RM's shape: the policy's, with --rm.n_layer / n_head / n_embd where they are given."""
+    return replace(policy, **{k: getattr(cfg, k) or getattr(policy, k)
+                              for k in ("n_layer", "n_head", "n_embd")})
+
+
 def reward_model_start(base, sft_model, cfg: RMConfig) -> ScalarModel:
     """The RM before training: the base LM (author) or the SFT model (--rm.init sft) under a new
     scalar head; or, with --rm.n_layer / n_head / n_embd, a model of its own shape from scratch."""
-    shape = replace(base.config, **{k: getattr(cfg, k) or getattr(base.config, k)
-                                    for k in ("n_layer", "n_head", "n_embd")})
+    shape = reward_model_shape(cfg, base.config)
     if shape.n_embd % shape.n_head:
         raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {shape.n_head} "
                          f"heads, got {shape.n_embd}")

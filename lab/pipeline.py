@@ -140,14 +140,17 @@ def check_task(cfgs: dict):
         load_data(run, cfgs["eval"].prompts, cfgs["demo"])
 
 
+def fresh_config(run: RunConfig, vocab_size: int) -> GPTConfig:
+    """The shape of a fresh GPT (no --init): --n_layer, --n_head, --n_embd, and positions for the
+    longest prompt and response."""
+    return GPTConfig(block_size=run.max_prompt_len + run.max_response_len, vocab_size=vocab_size,
+                     n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd)
+
+
 def base_model(run: RunConfig, vocab_size: int) -> GPT:
     """The model SFT (and by default the RM) starts from: --init's GPT-2, else a fresh GPT."""
     seq = run.max_prompt_len + run.max_response_len
-    if run.init:
-        base = GPT.from_pretrained(run.init)
-    else:
-        base = GPT(GPTConfig(block_size=seq, vocab_size=vocab_size, n_layer=run.n_layer,
-                             n_head=run.n_head, n_embd=run.n_embd))
+    base = GPT.from_pretrained(run.init) if run.init else GPT(fresh_config(run, vocab_size))
     base.config.grad_checkpoint = run.grad_checkpoint  # every model built from base.config
     if seq > base.config.block_size:
         raise ValueError(f"--max_prompt_len {run.max_prompt_len} + --max_response_len "

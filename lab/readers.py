@@ -24,9 +24,10 @@ class DataError(ValueError):
     """Bad input data. The message is one line: `file:line: what is wrong`."""
 
 
-GPT2_CACHE_FILES = ("vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee, encoder.json as "
-                    "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6, r50k_base.tiktoken as "
-                    "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
+# tiktoken's cache names for GPT-2's files: the sha1 of the URL each is fetched from
+GPT2_CACHE_FILES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                    "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+                    "r50k_base.tiktoken": "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"}
 
 
 def gpt2_encoding() -> tiktoken.Encoding:
@@ -36,7 +37,8 @@ def gpt2_encoding() -> tiktoken.Encoding:
     except Exception as e:  # tiktoken fetches its BPE files on first use (requests, hashes)
         raise RuntimeError(
             f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
-            f"TIKTOKEN_CACHE_DIR to a folder holding {GPT2_CACHE_FILES}") from None
+            "TIKTOKEN_CACHE_DIR to a folder holding "
+            + ", ".join(f"{name} as {sha}" for name, sha in GPT2_CACHE_FILES.items())) from None
 
 
 def _one_line(x) -> str:

@@ -18,22 +18,24 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from data import TLDR_TEMPLATES, _ids, collate_prompts, collate_sft, decode_text, get_tokenizer
+from data import (ASSISTANT, HUMAN, TLDR_TEMPLATES, _ids, collate_prompts, collate_sft, decode_text,
+                  get_tokenizer)
 from demo import demo_gold_reward
 from lab.checkpoints import load_checkpoint, load_weights
+from lab.pipeline import RunConfig, fresh_config
 from lab.readers import GPT2_CACHE_FILES, load_gold_reward
 from lab.rm import score_batch
-from lab.weights import (HUB_NAMES, atomic_write, download, read_hf_config, read_safetensors,
-                         write_safetensors)
+from lab.weights import (HUB_NAMES, atomic_write, download, gpt2_config, gpt2_tensors,
+                         read_hf_config, write_safetensors)
 from model import GPT, GPTConfig, ScalarModel, response_mask
+from mpo import RMConfig, reward_model_shape
 
 POLICIES = ("sft", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo", "mpo")
-HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 
 def run_folder(out: Path) -> Path:
@@ -49,8 +51,6 @@ def run_folder(out: Path) -> Path:
 
 def run_settings(folder: Path):
     """(run config, rm config) of a run folder, as lab.pipeline.RunConfig and mpo.RMConfig."""
-    from lab.pipeline import RunConfig  # lab.pipeline imports mpo, which imports this file's users
-    from mpo import RMConfig
     try:
         cfgs = json.loads((folder / "config.json").read_text())
         known = {cls: {f.name for f in fields(cls)} for cls in (RunConfig, RMConfig)}
@@ -66,9 +66,7 @@ def policy_shape(run, vocab_size: int) -> GPTConfig:
     """The shape every policy of the run has: --init's (its config.json, from the folder or the
     cache), else the fresh GPT's flags."""
     if not run.init:
-        return GPTConfig(block_size=run.max_prompt_len + run.max_response_len,
-                         vocab_size=vocab_size, n_layer=run.n_layer, n_head=run.n_head,
-                         n_embd=run.n_embd)
+        return fresh_config(run, vocab_size)
     path = Path(run.init).expanduser()
     if not path.exists() and run.init in HUB_NAMES:
         path = download(run.init)  # the cache the run loaded it from
@@ -94,8 +92,7 @@ def load_stage(folder: Path, stage: str):
     tok = get_tokenizer(run.tokenizer or ("demo" if run.dataset == "demo" else "gpt2"))
     shape = policy_shape(run, tok.n_vocab)
     if stage == "rm":
-        model = ScalarModel(replace(shape, **{k: getattr(rm_cfg, k) or getattr(shape, k)
-                                              for k in ("n_layer", "n_head", "n_embd")}))
+        model = ScalarModel(reward_model_shape(rm_cfg, shape))
     else:
         model = GPT(shape)
     final = stage_file(folder, stage)
@@ -107,7 +104,7 @@ def wrap_prompt(run, text: str, history: str = "") -> str:
     """What the model was trained on: HH-RLHF's dialogue turns (after `history`, the turns so
     far), TL;DR's template around a post, or the text itself (the demo, a user's task)."""
     if run.dataset == "hh-rlhf":
-        return f"{history}{HUMAN}{text}{ASSISTANT}"
+        return f"{history}{HUMAN} {text}{ASSISTANT}"
     if run.dataset == "tldr":
         return TLDR_TEMPLATES[run.template].format(post=text, subreddit="", title="")
     return text
@@ -215,8 +212,8 @@ def gpt2_tokenizer_files() -> dict:
     cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR")
                  or os.environ.get("DATA_GYM_CACHE_DIR")
                  or Path(tempfile.gettempdir()) / "data-gym-cache")
-    names = dict(part.split(" as ") for part in GPT2_CACHE_FILES.split(", "))
-    found = {"vocab.json": cache / names["encoder.json"], "merges.txt": cache / names["vocab.bpe"]}
+    found = {"vocab.json": cache / GPT2_CACHE_FILES["encoder.json"],
+             "merges.txt": cache / GPT2_CACHE_FILES["vocab.bpe"]}
     return {k: v for k, v in found.items() if v.is_file()}
 
 
@@ -258,17 +255,14 @@ def export_reward_model(rm: ScalarModel, tok, directory: Path) -> list:
     `transformer.*`, its head as `score.weight` with the normalisation gain folded in. That layout
     has no bias: the normalisation's offset is dropped, so our score = the exported logit - gain x
     offset."""
-    rm.gpt.save_pretrained(directory)  # the body, in GPT-2's layout, and its config.json
-    state = json.loads((directory / "config.json").read_text())
     gain, offset = float(rm.gain), float(rm.offset)
-    tensors = {k: v for k, v in read_safetensors(directory / "model.safetensors").items()
-               if not k.startswith("lm_head")}
+    tensors = gpt2_tensors(rm.gpt)  # the body, in GPT-2's layout
     tensors["score.weight"] = (rm.head.weight.detach().float() * gain).contiguous()
-    write_safetensors(tensors, directory / "model.safetensors", {"format": "pt"})
-    state |= {"architectures": ["GPT2ForSequenceClassification"], "num_labels": 1,
-              "pad_token_id": tok.eot_token}
+    write_safetensors(tensors, directory / "model.safetensors")
+    config = gpt2_config(rm.gpt.config) | {"architectures": ["GPT2ForSequenceClassification"],
+                                           "num_labels": 1, "pad_token_id": tok.eot_token}
     atomic_write(directory / "config.json",
-                 lambda f: f.write(json.dumps(state, indent=2).encode()))
+                 lambda f: f.write(json.dumps(config, indent=2).encode()))
     return ["rm: GPT2ForSequenceClassification, 1 label; the head's normalisation gain "
             f"{gain:.6g} folded into score.weight; its offset dropped: our score = the exported "
             f"logit - {gain * offset:.6g}"]

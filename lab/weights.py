@@ -92,22 +92,30 @@ def load_gpt2(cls, path_or_name, cache_dir=None):
     return model
 
 
+def gpt2_tensors(model) -> dict:
+    """A GPT's weights in the Hugging Face GPT-2 layout: Conv1D weights transposed, fp32, no
+    lm_head (tied: HF re-ties it)."""
+    return {k: (v.t() if k.endswith(CONV1D) else v).float().contiguous().cpu()
+            for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def gpt2_config(c) -> dict:
+    """A GPTConfig as a Hugging Face GPT-2 config.json."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": c.block_size,
+            "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+            "n_head": c.n_head, "vocab_size": c.vocab_size,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+            "summary_first_dropout": 0.0, "tie_word_embeddings": True}
+
+
 def save_gpt2(model, directory):
-    """GPT.save_pretrained: write model.safetensors and config.json in the Hugging Face
-    GPT-2 layout."""
+    """GPT.save_pretrained: write model.safetensors and config.json in the Hugging Face GPT-2
+    layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.t() if k.endswith(CONV1D) else v).float().contiguous().cpu()
-             for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}  # tied: HF re-ties it
-    write_safetensors(state, directory / "model.safetensors")
-    c = model.config
-    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": c.block_size,
-          "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-          "n_head": c.n_head, "vocab_size": c.vocab_size,
-          "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
-          "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
-          "summary_first_dropout": 0.0, "tie_word_embeddings": True}
+    write_safetensors(gpt2_tensors(model), directory / "model.safetensors")
+    hf = gpt2_config(model.config)
     atomic_write(directory / "config.json",
                  lambda f: f.write(json.dumps(hf, indent=2).encode()))
 
