@@ -77,7 +77,7 @@ def demo_gold_reward(prompt: str, response: str) -> float:
 class DemoConfig:
     """Knobs of the synthetic demo task (this file's docstring describes it); seed: --data_seed."""
     sft_train: int = 3000
-    sft_eval: int = 500             # held-out SFT rows: stage evaluation, RM normalisation
+    sft_eval: int = 500             # held-out SFT rows: SFT's evaluation
     pairs_train: int = 100000       # many: a tiny RM learns the noisy preferences slowly (fresh
                                     # pairs beat epochs)
     pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)

@@ -81,7 +81,7 @@ class RMConfig(TrainConfig):
     n_head: int = 0
     n_embd: int = 0
     normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std
-                               # 1 (N+ detail 11)
+                               # 1 (N+ detail 11), on 500 training rows: held-out data stay unseen
 
 
 def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
@@ -205,6 +205,10 @@ class SplitConfig:
     stage2_ref: str = "dpo"     # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
     order: str = "easy_first"   # "easy_first": DPO on easy, PPO on hard (MPO); "hard_first": the
                                 # reverse (ablation)
+    select: str = "gap"         # "gap": easy at |gap| >= delta (MPO); "random": as many easy pairs
+                                # drawn at random (ablation: does the gap matter?)
+    ppo_prompts: str = "hard"   # stage 2 on the "hard" prompts (MPO) or on "all" (ablation)
+    seed: int = 0               # select "random"'s draw
     pairs_per_row: bool = True  # resample: a pair per training row (author; TL;DR repeats posts),
                                 # else per prompt
     batch_size: int = 0         # sampling and scoring batch; 0 = 32 on a CPU, sized from free
@@ -223,11 +227,21 @@ def gap_threshold(gaps, split: SplitConfig) -> float:
     return float(torch.quantile(gaps.abs(), split.quantile)) if split.quantile > 0 else split.delta
 
 
-def easy_and_hard(rows, gaps, split: SplitConfig) -> tuple[list, list]:
-    """(the easy pairs, the prompts of the hard ones) of encoded rows at the split's threshold."""
+def split_indices(gaps, split: SplitConfig) -> tuple:
+    """(easy_index, hard_index) at the split's threshold, or for the ablations: as many easy pairs
+    at random (select "random"), the two sides swapped (order "hard_first")."""
     easy, hard = split_by_reward_gap(gaps, gap_threshold(gaps, split))
-    if split.order == "hard_first":  # ablation: DPO on the hard pairs, PPO on the easy prompts
-        easy, hard = hard, easy
+    if split.select == "random":
+        order = torch.randperm(len(gaps), generator=torch.Generator().manual_seed(split.seed))
+        easy, hard = order[:len(easy)].sort().values, order[len(easy):].sort().values
+    return (hard, easy) if split.order == "hard_first" else (easy, hard)
+
+
+def easy_and_hard(rows, gaps, split: SplitConfig) -> tuple[list, list]:
+    """(the easy pairs, the prompts of the hard ones) of encoded rows; with ppo_prompts "all"
+    (ablation: does restricting PPO to the hard prompts matter?) the prompts of every row."""
+    easy, hard = split_indices(gaps, split)
+    hard = range(len(rows)) if split.ppo_prompts == "all" else hard
     return [rows[i] for i in easy], distinct_prompts([rows[i] for i in hard])
 
 
@@ -275,7 +289,7 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
     the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one. With data.subsets (one name per prompt), the RM score and win
+    reward when the task has one, and each prompt's mean (gold, else RM score). With data.subsets (one name per prompt), the RM score and win
     rate also per subset under "subsets". Returns (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
     prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
@@ -294,6 +308,7 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
                                               run.dtype, f"evaluate {name}: RM"))
         kl = logps(model, rows) - logps(models["sft"], rows)
         texts = [decode_text(tok, r) for r in responses]
+        per_prompt = scores[name].view(-1, cfg.samples).mean(1)
         results[name] = {}
         if data.gold_reward:  # standard error over prompts: a prompt's samples are not independent
             gold = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
@@ -301,7 +316,8 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
             results[name] = {"gold": float(gold.mean()),
                              "gold_se": float(per_prompt.std() / len(per_prompt) ** 0.5)}
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
-                          "length": sum(map(len, responses)) / len(responses)}
+                          "length": sum(map(len, responses)) / len(responses),
+                          "per_prompt": per_prompt.tolist()}  # gold, else RM: the noise split
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
     for name, r in results.items():  # the paper's win / tie / lose by RM score
         diff = scores[name] - scores["sft"]
@@ -329,7 +345,7 @@ def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     torch.manual_seed(cfgs["run"].seed)  # its new head: the same whether SFT ran or was loaded
     rm = lab.stage("rm", train_reward_model, reward_model_start(base, sft_model, cfgs["rm"]),
                    data.pairs_train, cfgs["rm"], eval_pairs=data.pairs_eval,
-                   reference_examples=data.sft_eval if cfgs["rm"].normalize else None)
+                   reference_examples=data.sft_train[:500] if cfgs["rm"].normalize else None)
     # 3. Resample two SFT responses per prompt and score them; 4. split at the reward gap
     rows, gaps = lab.pairs(cfgs["split"], make_pairs, sft_model, rm, data.pairs_train,
                            cfgs["split"], cfgs["run"], data.tok.eot_token)

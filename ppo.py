@@ -402,7 +402,8 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], n, cfg) if cfg.kl_target > 0 else kl_coef
         it += 1
         run.count(steps=cfg.ppo_epochs * cfg.num_minibatches,  # the stage's compute
-                  tokens=float(ro.attn.sum()) * cfg.ppo_epochs, samples=len(prompt_ids))
+                  tokens=float(ro.attn.sum()) * cfg.ppo_epochs, samples=len(prompt_ids),
+                  rollout_tokens=float(ro.attn.sum()))
         if it % cfg.log_every == 0 or it == total:
             run.log_iteration(it, stats, pairs[:cfg.num_samples], ro.scores)
         if eval_prompts and (it == total or (cfg.eval_every and it % cfg.eval_every == 0)):

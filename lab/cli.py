@@ -29,7 +29,8 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "rm": RMConfig, "split": SplitCon
 # author's delta = 1 is one standard deviation of the SFT responses' scores; the real
 # datasets keep the author's values. A study over 3 seeds, every method with dpo_all's optimizer
 # steps (--budget matched), by default.
-DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=3, budget="matched"),
+DEMO = {"run": dict(max_prompt_len=32, max_response_len=48, seeds=10, study="shared",
+                   budget="matched"),
         "sft": dict(lr=3e-3, batch_size=32, grad_accum=1, epochs=5.0, warmup_steps=10,
                     eval_every=100, log_every=10),
         "rm": dict(n_embd=96, n_head=24, lr=1e-3, batch_size=32, grad_accum=1, epochs=2.0,

@@ -9,6 +9,16 @@ import torch
 from lab.devices import autocast, autocast_dtype
 from train import optimizer_steps
 
+
+def forward_flops(config, head: int) -> int:
+    """FLOPs of one token's forward: 2 per weight it is multiplied by (Kaplan et al. 2020, table
+    1): 12 n_layer n_embd^2 in the blocks (attention's four projections, the MLP's two) and the
+    head, n_embd x `head` (the vocabulary for the LM, 1 for a scalar model); the embeddings are
+    lookups. Attention's own term, 4 n_layer n_embd x context, is left out (about a tenth or less at
+    the demo's and the author's lengths). A backward costs two forwards."""
+    return 2 * (12 * config.n_layer * config.n_embd ** 2 + config.n_embd * head)
+
+
 def memory_estimate(config, rows, seq_len, head_positions, trained=1, frozen=0, bf16=False) -> dict:
     """Rough peak bytes of one training micro-batch of `rows` sequences: fp32 weights, gradients and
     AdamW moments (16 bytes per parameter) of the `trained` models, fp32 weights of the `frozen`

@@ -22,7 +22,8 @@ CHOICES = {
     "run.dataset": ("demo", "jsonl", "hh-rlhf", "tldr"),
     "run.preset": ("", "demo"),
     "run.tokenizer": ("", *TOKENIZERS),
-    "run.budget": ("data", "matched"),
+    "run.budget": ("data", "matched", "compute"),
+    "run.study": ("full", "shared"),
     "run.template": ("author", "tldr"),
     **{f"{group}.dtype": tuple(AUTOCAST_DTYPES) for group in ("run", "sft", "rm", "dpo", "ppo")},
     "run.stop_after": ("", "sft", "rm", "split", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo",
@@ -31,6 +32,8 @@ CHOICES = {
     "split.source": ("resample", "human"),
     "split.stage2_ref": ("dpo", "sft"),
     "split.order": ("easy_first", "hard_first"),
+    "split.select": ("gap", "random"),
+    "split.ppo_prompts": ("hard", "all"),
     "dpo.loss_type": ("sigmoid", "ipo"),
     **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")},
 }
@@ -70,6 +73,7 @@ LIMITS = {
     "split.quantile": (lambda v: 0 <= v < 1, "0 (off) or in (0, 1)"),
     "ppo.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "ppo.gamma": UNIT,
+    "run.equivalence": UNIT,
     "ppo.lam": UNIT,
     "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }

@@ -16,7 +16,7 @@ from data import DemoConfig, encode_dataset, get_tokenizer, load_task
 from dpo import dpo
 from lab.checkpoints import atomic_save
 from lab.devices import pick_device
-from lab.estimates import print_memory_estimate, print_plan, sampling_batch
+from lab.estimates import forward_flops, print_memory_estimate, print_plan, sampling_batch
 from lab.flags import split_variants
 from lab.readers import jsonl_file, load_gold_reward
 from lab.report import write_report
@@ -24,10 +24,10 @@ from lab.results import METRICS, study
 from lab.rm import gold_checks, score_pairs
 from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
                       variant_folder)
-from lab.study import compute, matched_budget, out_folder
+from lab.study import compute, compute_budget, dpo_flops, matched_budget, out_folder
 from model import GPT, GPTConfig
 from mpo import (distinct_prompts, easy_and_hard, gap_threshold, make_pairs, mpo, mpo_stages,
-                 split_by_reward_gap, trainable_copy)
+                 reward_model_shape, split_indices, trainable_copy)
 from ppo import Models, ppo
 from train import optimizer_steps
 
@@ -75,8 +75,15 @@ class RunConfig:
     seed: int = 0
     seeds: int = 1                 # > 1: a study over this many training seeds from --seed on
                                    # (OUT/seed_<s>/)
+    study: str = "full"            # --seeds N: "full" makes everything per seed; "shared": SFT,
+                                   # the RM and the resampled pairs once (OUT/shared), the methods
+                                   # per seed
+    reuse: str = ""                # a run folder whose SFT model, RM and resampled pairs (made
+                                   # with these flags, any seed) this run uses instead of its own
     budget: str = "data"           # "data": each stage's steps follow its data; "matched":
-                                   # dpo_all's steps for all
+                                   # dpo_all's steps for all; "compute": dpo_all's FLOPs for all
+    equivalence: float = 0.05      # claims are "equivalent" within this share of the room from
+                                   # SFT to the best gold (tasks that know it)
     sweep: str = ""                # "0.5,1,2": the run at these multiples of --dpo.beta and
                                    # --ppo.kl_coef (frontier)
 
@@ -86,7 +93,7 @@ class Data:
     """A task encoded for this run: the token-id rows the stages train and are evaluated on."""
     tok: tiktoken.Encoding
     sft_train: list = field(default_factory=list)     # (prompt, response)
-    sft_eval: list = field(default_factory=list)      # held out: SFT's eval, the RM's normalisation
+    sft_eval: list = field(default_factory=list)      # held out: SFT's evaluation
     pairs_train: list = field(default_factory=list)   # (prompt, chosen, rejected)
     pairs_eval: list = field(default_factory=list)    # held out: the RM's accuracy table
     prompts_eval: list = field(default_factory=list)  # held out: PPO's curve, the final evaluation
@@ -165,7 +172,7 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
     hard prompts, statistics)."""
     delta = gap_threshold(gaps, split)
     easy, hard = easy_and_hard(rows, gaps, split)
-    easy_index, hard_index = split_by_reward_gap(gaps, delta)
+    easy_index, hard_index = split_indices(gaps, split)  # DPO's side and PPO's
     side = dict.fromkeys(easy_index.tolist(), "easy") | dict.fromkeys(hard_index.tolist(), "hard")
     lines = [json.dumps({"index": i, "side": side[i], "gap": g, "prompt": tok.decode(p),
                          "chosen": tok.decode(c), "rejected": tok.decode(r)})
@@ -185,37 +192,70 @@ def split_pairs(rows, gaps, split, folder: Path, tok):
 
 
 class Run(Stages):
-    """The run folder as mpo.mpo sees it: each stage made once (Stages.stage), the pairs made once
-    per source (`pairs`), and what MPO is compared with: the baselines --methods asks for, trained
-    on the same pairs with the same stage configs (same cost per sample; under --budget matched,
-    dpo_all's optimizer steps for every method), and the ablations of --variants."""
+    """The run folder as mpo.mpo sees it: each stage made once (Stages.stage; SFT and the RM loaded
+    from --reuse's folder when given), the pairs made once per source (`pairs`), and what MPO is
+    compared with: the baselines --methods asks for, trained on the same pairs with the same stage
+    configs (same cost per sample; under --budget matched, dpo_all's optimizer steps for every
+    method), and the ablations of --variants, which reuse MPO's own stages where theirs would be
+    the same."""
 
-    def __init__(self, out: Path, cfgs: dict, data, batch: int):
+    def __init__(self, out: Path, cfgs: dict, data, batch: int, flops: dict):
         run = cfgs["run"]
         super().__init__(out, records(cfgs, cfgs["split"]), run.stop_after)
-        self.cfgs, self.data, self.batch = cfgs, data, batch
+        self.cfgs, self.data, self.batch, self.flops = cfgs, data, batch, flops
         self.methods = run.methods.split(",")
         self.steps = 0  # dpo_all's optimizer steps: the matched budget
-        self.gaps, self.split_stats, self.variants = None, None, {}
-        self.folders = {"sft": ["sft"], "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
+        self.gaps, self.split_stats, self.variants, self.models = None, None, {}, {}
+        self.reused = Stages(Path(run.reuse), {}) if run.reuse else None
+        shared = self.reused.out if self.reused else Path()  # SFT and the RM: a model's common cost
+        self.folders = {"sft": [str(shared / "sft")], "rm": [str(shared / "rm")],
+                        "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
                         "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
+        self.resampled = None  # the resampled pairs' samples, tokens and FLOPs (compute)
+        self.target = self.response_len = 0.0  # --budget compute: dpo_all's FLOPs; SFT's lengths
+
+    def stage(self, name: str, fn, *args, **kwargs):
+        """Stages.stage; SFT and the RM come from --reuse's folder (checked by open_run_folder)."""
+        if self.reused and name in ("sft", "rm"):
+            model = self.reused.stage(name, fn, *args, **kwargs)
+            self.metrics[name] = self.reused.metrics[name]
+            self.stop_if_last(name)
+        else:
+            model = super().stage(name, fn, *args, **kwargs)
+        self.models[name] = model
+        return model
 
     def pairs(self, split, make, *args):
         """make(*args) -> (rows, gaps), the pairs to split, once per run folder and source
-        (resampling is the costly part): cached in out/pairs_<source>.pt with its settings."""
+        (resampling is the costly part): cached in out/pairs_<source>.pt with its settings, or
+        taken from --reuse's folder when it has them."""
         cache = pairs_cache(self.out, split)
+        if self.reused and pairs_cache(self.reused.out, split).exists():
+            cache = pairs_cache(self.reused.out, split)
         if cache.exists():
-            return load_pairs(cache)
-        rows, gaps = make(*args)
-        save_pairs(cache, rows, gaps, records(self.cfgs, split)["pairs"])
+            rows, gaps = load_pairs(cache)
+        else:
+            rows, gaps = make(*args)
+            save_pairs(cache, rows, gaps, records(self.cfgs, split)["pairs"])
+        if split.source == "resample" and split == self.cfgs["split"]:
+            tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in rows)  # decoded, then scored
+            self.resampled = {"samples": 2 * len(rows), "tokens": tokens,
+                              "flops": (self.flops["policy"] + self.flops["rm"]) * tokens}
         return rows, gaps
 
-    def budget(self, dpo_data, ppo_data) -> dict:
-        """The configs of a method with DPO and PPO on these data: as given under --budget data,
-        cut to dpo_all's optimizer steps under --budget matched (lab.study.matched_budget)."""
-        if self.cfgs["run"].budget != "matched":
-            return self.cfgs
-        return matched_budget(self.cfgs, self.steps, bool(dpo_data), bool(ppo_data))
+    def budget(self, dpo_data, ppo_data, resampled=True) -> dict:
+        """The configs of a method with DPO and PPO on these data (`resampled`: made from the
+        resampled pairs): as given under --budget data, cut to dpo_all's optimizer steps under
+        --budget matched (lab.study.matched_budget), to dpo_all's FLOPs, its resampling included,
+        under --budget compute (lab.study.compute_budget)."""
+        budget = self.cfgs["run"].budget
+        if budget == "matched":
+            return matched_budget(self.cfgs, self.steps, bool(dpo_data), bool(ppo_data))
+        if budget == "compute":
+            spent = self.resampled["flops"] if resampled and self.resampled else 0
+            return compute_budget(self.cfgs, self.target, self.flops, dpo_data, ppo_data, spent,
+                                  self.response_len)
+        return self.cfgs
 
     def wants(self, method: str) -> bool:
         """Whether --methods asks for `method`; if not, a --stop_after naming it stops here."""
@@ -226,11 +266,11 @@ class Run(Stages):
     def baselines(self, sft_model, rm, rows, gaps) -> dict:
         """Record the split (split.jsonl, its statistics, the RM and the split against the task's
         gold reward), then train the baselines --methods asks for: dpo_all (DPO on every pair),
-        dpo_human (the paper's vanilla DPO: the dataset's own pairs), ppo_all (PPO on every prompt)
-        and mpo_dpo (MPO's first stage alone, the same stage as mpo.mpo_stages')."""
+        dpo_human (the paper's vanilla DPO: as many of the dataset's own pairs), ppo_all (PPO on
+        every prompt) and mpo_dpo (MPO's first stage alone, the same stage as mpo.mpo_stages')."""
         cfgs, data, run = self.cfgs, self.data, self.cfgs["run"]
         easy, hard, self.split_stats = split_pairs(rows, gaps, cfgs["split"], self.out, data.tok)
-        self.gaps = gaps
+        self.gaps, self.easy, self.hard = gaps, easy, hard
         if data.gold_reward:  # how far the RM and its split can be trusted, measured against gold
             chosen, rejected = score_pairs(rm, data.pairs_eval, self.batch,
                                            pick_device(run.device), run.dtype)
@@ -238,16 +278,21 @@ class Run(Stages):
                                                      self.split_stats["delta"])
         self.stop_if_last("split")
         self.steps = optimizer_steps(cfgs["dpo"], len(rows))
+        self.response_len = sum(len(c) + len(r) for _, c, r in rows) / (2 * len(rows))
+        ref, per_step = dpo_flops(cfgs["dpo"], rows, self.flops["policy"])
+        self.target = (self.resampled or {}).get("flops", 0) + ref + self.steps * per_step
         models = {}
-        for name, pairs in (("dpo_all", rows), ("dpo_human", data.pairs_train)):
+        for name, pairs in (("dpo_all", rows), ("dpo_human", data.pairs_train[:len(rows)])):
             if self.wants(name):
+                cfg = self.budget(pairs, [], resampled=name == "dpo_all")["dpo"]
                 models[name] = self.stage(name, dpo, trainable_copy(sft_model), sft_model, pairs,
-                                          self.budget(pairs, [])["dpo"], stage=name)
+                                          cfg, stage=name)
         if self.wants("ppo_all"):
             models_all = Models(trainable_copy(sft_model), sft_model, rm, trainable_copy(rm))
+            prompts = distinct_prompts(rows)
             models["ppo_all"] = self.stage(
-                "ppo_all", ppo, models_all, distinct_prompts(rows), data.tok,
-                self.budget([], rows)["ppo"], eval_prompts=data.prompts_eval,
+                "ppo_all", ppo, models_all, prompts, data.tok,
+                self.budget([], prompts, resampled=False)["ppo"], eval_prompts=data.prompts_eval,
                 gold_reward=data.gold_reward, stage="ppo_all")
         if "mpo_dpo" in self.methods and easy:
             models["mpo_dpo"] = self.stage("mpo_dpo", dpo, trainable_copy(sft_model), sft_model,
@@ -259,19 +304,27 @@ class Run(Stages):
     def ablations(self, sft_model, rm) -> dict:
         """mpo[variant] for each of --variants: MPO's two stages again with other --split fields, on
         the same SFT model and RM (and pairs, when the source is the same), in
-        out/variants/<variant>/."""
+        out/variants/<variant>/; a variant whose DPO stage would be MPO's own (the same easy pairs
+        and budget: stage2_ref=sft, ppo_prompts=all) starts its PPO from MPO's DPO model."""
         if self.stop_after:  # not reached: the stage it names was skipped (mpo, no hard prompts)
             self.stop_if_last(self.stop_after, skipped=True)
         cfgs, data, run, models = self.cfgs, self.data, self.cfgs["run"], {}
         for text, v in split_variants(run, cfgs["split"]):
             folder, name = variant_folder(self.out, text), f"mpo[{text}]"
-            self.folders[name] = [str(folder.relative_to(self.out) / s) for s in ("mpo_dpo", "mpo")]
             rows, gaps = self.pairs(v, make_pairs, sft_model, rm, data.pairs_train, v, run,
                                     data.tok.eot_token)
             v_easy, v_hard, self.variants[name] = split_pairs(rows, gaps, v, folder, data.tok)
-            stages = Stages(folder, records(cfgs, v), run.stop_after)
-            models[name] = mpo_stages(stages, {**self.budget(v_easy, v_hard), "split": v}, data,
-                                      sft_model, rm, v_easy, v_hard)
+            v_cfgs = {**self.budget(v_easy, v_hard), "split": v}
+            same = {}  # MPO's DPO model, where this variant's DPO stage would be the same one
+            if ("mpo_dpo" in self.models and v_easy == self.easy
+                    and v_cfgs["dpo"] == self.budget(self.easy, self.hard)["dpo"]
+                    and records(cfgs, v)["mpo_dpo"] == self.records["mpo_dpo"]):
+                same = {"mpo_dpo": self.models["mpo_dpo"]}
+            self.folders[name] = [str(folder.relative_to(self.out) / "mpo")]
+            self.folders[name][:0] = ["mpo_dpo" if same else
+                                      str(folder.relative_to(self.out) / "mpo_dpo")]
+            stages = Stages(folder, records(cfgs, v), run.stop_after, same)
+            models[name] = mpo_stages(stages, v_cfgs, data, sft_model, rm, v_easy, v_hard)
         return models
 
 
@@ -292,7 +345,9 @@ def run_pipeline(cfgs: dict) -> Path:
     planned = open_run_folder(out, cfgs, base)
     print_plan({**cfgs, "split": replace(split, batch_size=split.batch_size or batch)}, base,
                data.sft_train, data.pairs_train, device)
-    stages = Run(out, cfgs, data, batch)
+    flops = {"policy": forward_flops(base.config, base.config.vocab_size),  # a token's forward
+             "rm": forward_flops(reward_model_shape(cfgs["rm"], base.config), 1)}
+    stages = Run(out, cfgs, data, batch, flops)
     results, samples = mpo(cfgs, data, base, stages)
     made = {str(path.relative_to(out)).removesuffix(".pt"): settings
             for path, settings in planned.items()
@@ -300,13 +355,22 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_metrics = stages.metrics["rm"]
     report = write_report(out, cfgs, results, samples, stages.gaps, stages.split_stats,
                           stages.variants, rm_metrics, made, data.gold_best)
+    on_pairs = {"dpo_all", "mpo_dpo", "mpo", *stages.variants}  # made from the resampled pairs
     record = {"seed": run.seed, "gap_buckets": rm_metrics.get("eval/accuracy_by_gap_quartile", {}),
               "methods": {name: {**{k: r[k] for k in METRICS if k in r},
-                                 "compute": compute(out, stages.folders[name])}
-                          for name, r in results.items()}}
+                                 "compute": compute(out, stages.folders[name], flops,
+                                                    stages.resampled if name in on_pairs else None)}
+                          for name, r in results.items()},
+              "common_compute": {name: compute(out, stages.folders[name], flops)
+                                 for name in ("sft", "rm")},
+              "per_prompt": {name: [round(v, 5) for v in r["per_prompt"]]
+                             for name, r in results.items()}}
     if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
         record["gold_checks"] = {**rm_metrics["gold"],
                                  "easy_share": stages.split_stats["easy_share"]}
+    if data.gold_best is not None:
+        record["gold_best"] = data.gold_best
     record["samples"] = samples  # the study's report shows its first seed's
-    atomic_save(json.dumps(study([record]), indent=1).encode(), out / "results.json")  # one seed
+    results_json = study([record], run.equivalence)  # a study of one seed
+    atomic_save(json.dumps(results_json, indent=1).encode(), out / "results.json")
     return report

@@ -3,6 +3,7 @@
 a verdict, and the aggregated report.md with the over-optimisation curves; and the sweep's reward-KL
 frontier (lab.study.run_sweep)."""
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,18 +11,61 @@ from lab.checkpoints import atomic_save
 from lab.report import plt, sample_lines, save_figure
 
 
-# t_{0.975} for 1..30 degrees of freedom (two-sided 95 %); beyond 30, the normal's 1.96.
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 METRICS = ("gold", "rm_score", "kl_to_sft", "win_rate")
 # claim: (model, compared with); a positive difference of the task's metric says the claim holds.
 CLAIMS = {"mpo_beats_dpo_all": ("mpo", "dpo_all"), "mpo_beats_ppo_all": ("mpo", "ppo_all"),
-          "dpo_reference_beats_sft_reference": ("mpo", "mpo[stage2_ref=sft]")}
+          "mpo_beats_dpo_human": ("mpo", "dpo_human"),
+          "dpo_reference_beats_sft_reference": ("mpo", "mpo[stage2_ref=sft]"),
+          # the arms: does the RM's gap matter (the same split sizes at random)? does restricting
+          # PPO to the hard prompts matter (PPO on every prompt, from the same DPO model)?
+          "gap_split_beats_random_split": ("mpo", "mpo[select=random]"),
+          "hard_prompts_beat_all_prompts": ("mpo", "mpo[ppo_prompts=all]")}
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
+    Lentz; Numerical Recipes 6.4), on the side of x where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 + aa * d, 1 + aa / c
+            d, c = 1 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+    return math.exp(front + b * math.log1p(-x)) * h / a
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile t_{p, df} for p in (0.5, 1), exact for every df: the CDF, 1 - I_{df /
+    (df + t^2)}(df / 2, 1 / 2) / 2 (Abramowitz & Stegun 26.7.1), solved for p by bisection."""
+    cdf = lambda t: 1 - betainc(df / 2, 0.5, df / (df + t * t)) / 2  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def t975(df: int) -> float:
-    return T975[df - 1] if df <= len(T975) else 1.96
+    return t_quantile(0.975, df)
+
+
+def sd(values) -> float:
+    """The sample standard deviation (n - 1)."""
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def summary(values) -> dict:
@@ -32,17 +76,60 @@ def summary(values) -> dict:
     mean = sum(values) / n
     if n < 2:
         return {"mean": mean, "ci95": None, "per_seed": values}
-    half = t975(n - 1) * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5
+    half = t975(n - 1) * sd(values) / n ** 0.5
     return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": values}
 
 
-def verdict(diff: dict) -> str:
-    """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0, else (it
-    contains 0, or there is one seed and so no interval) "inconclusive"."""
+def verdict(diff: dict, margin: float | None = None) -> str:
+    """"holds" when the 95 % interval of a difference lies above 0, "fails" below 0; else
+    "equivalent" when its 90 % interval lies inside +-margin (two one-sided tests at 5 %, the
+    margin fixed before the run: --equivalence), else (or with one seed, no interval)
+    "inconclusive"."""
     ci = diff and diff["ci95"]
     if not ci:
         return "inconclusive"
-    return "holds" if ci[0] > 0 else "fails" if ci[1] < 0 else "inconclusive"
+    if ci[0] > 0 or ci[1] < 0:
+        return "holds" if ci[0] > 0 else "fails"
+    values = diff["per_seed"]
+    if not margin or len(values) < 2:
+        return "inconclusive"
+    half90 = t_quantile(0.95, len(values) - 1) * sd(values) / len(values) ** 0.5
+    return "equivalent" if abs(diff["mean"]) + half90 < margin else "inconclusive"
+
+
+def seeds_needed(diff: dict, margin: float | None = None, most: int = 10000) -> int | None:
+    """The seeds at which a difference with this mean and spread would be decisive: its 95 %
+    interval clear of 0, or (with a margin) its 90 % interval inside +-margin; None past `most`."""
+    values = diff["per_seed"]
+    mean, s = abs(diff["mean"]), sd(values) if len(values) > 1 else 0.0
+    # t's quantiles exceed the normal's (1.96, 1.645): no n below the normal's answer will do
+    bounds = [(1.96 * s / mean) ** 2 if mean else math.inf]
+    if margin and mean < margin:
+        bounds.append((1.645 * s / (margin - mean)) ** 2)
+    if min(bounds) > most:
+        return None
+    for n in range(max(2, int(min(bounds))), most + 1):
+        if t975(n - 1) * s / n ** 0.5 < mean or (
+                len(bounds) > 1 and mean + t_quantile(0.95, n - 1) * s / n ** 0.5 < margin):
+            return n
+    return None
+
+
+def noise(diff: dict, evaluation: list, margin: float | None) -> dict:
+    """Where a claim's spread over seeds comes from: the evaluation's share (per seed, the variance
+    of the mean of its per-prompt differences, prompts x samples), the rest training (seeds:
+    initialisation, data order, sampling while training); which of the two to buy more of (more
+    --eval.samples or --eval.prompts shrink only the first), and the seeds a decisive verdict
+    would need at this spread."""
+    per_seed = [sd(d) ** 2 / len(d) for d in evaluation]
+    total = sd(diff["per_seed"]) ** 2 if len(diff["per_seed"]) > 1 else None
+    out = {"evaluation_sd": (sum(per_seed) / len(per_seed)) ** 0.5}
+    if total is not None:
+        training = max(0.0, total - out["evaluation_sd"] ** 2)
+        out |= {"total_sd": total ** 0.5, "training_sd": training ** 0.5,
+                "buy": "samples" if out["evaluation_sd"] ** 2 > training else "seeds",
+                "seeds_needed": seeds_needed(diff, margin)}
+    return out
 
 
 def paired(a, b) -> dict:
@@ -51,61 +138,96 @@ def paired(a, b) -> dict:
     return summary([x - y for x, y in zip(a, b, strict=True)])
 
 
-def study(records: list) -> dict:
+def study(records: list, equivalence: float = 0.0) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
-    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "samples": {name:
-    [(prompt, response)]}, and on tasks with gold "gold_checks": lab.rm.gold_checks' dict and
-    "easy_share"}: the gold checks are listed per seed, the samples kept from the first seed.
-    Claims compare gold where the task has it, else the RM score. Claim (a), the RM's accuracy
-    rising with its gap: per seed, the held-out pairs split into quartiles of |gap| (a
-    scale-free version of the paper's [0,1) ... >=3 buckets, which a small RM leaves nearly
-    empty), accuracy of the top quartile minus the bottom one, paired over seeds."""
+    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "per_prompt": {name:
+    [each held-out prompt's mean metric]}, "samples": {name: [(prompt, response)]}, and on tasks
+    with gold "gold_checks" (lab.rm.gold_checks' dict and "easy_share") and "gold_best"}: the gold
+    checks and per-prompt values are listed per seed, the samples kept from the first seed.
+    Claims compare gold where the task has it, else the RM score, and are "equivalent" within a
+    margin of `equivalence` x the room from SFT to the best gold (where the task knows it).
+    Claim (a), the RM's accuracy rising with its gap: per seed, the held-out pairs split into
+    quartiles of |gap| (a scale-free version of the paper's [0,1) ... >=3 buckets, which a small RM
+    leaves nearly empty), accuracy of the top quartile minus the bottom one, paired over seeds;
+    when the seeds share one RM (--study shared), the interval is over its held-out pairs."""
     names = records[0]["methods"]
     key = "gold" if "gold" in names["sft"] else "rm_score"
     of = lambda name, k: [r["methods"][name][k] for r in records]  # noqa: E731
     out = {"seeds": [r["seed"] for r in records], "methods": {}, "claims": {}}
+    mean = lambda counts: {k: round(sum(c[k] for c in counts) / len(counts))  # noqa: E731
+                           for k in counts[0]}
     for name, first in names.items():
         out["methods"][name] = {k: summary(of(name, k)) for k in METRICS if k in first}
-        out["methods"][name]["compute"] = {
-            k: round(sum(c[k] for c in of(name, "compute")) / len(records))
-            for k in first["compute"]}
-    buckets = [r.get("gap_buckets") or {} for r in records]
-    if all(len(b) >= 2 for b in buckets):
-        by = {b: [r[b] for r in buckets] for b in buckets[0]}  # bucket -> its per-seed entries
-        accuracy = {b: [x["accuracy"] for x in v] for b, v in by.items()}
-        # the top quartile minus the bottom one
-        diff = paired(accuracy[list(by)[-1]], accuracy[list(by)[0]])
-        summaries = {}  # bucket -> its accuracy over seeds and its mean pairs, low and high
-        for b, v in by.items():
-            means = {k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}
-            summaries[b] = {"accuracy": summary(accuracy[b]), **means}
-        out["claims"]["rm_accuracy_rises_with_gap"] = {
-            "buckets": summaries, "diff": diff, "verdict": verdict(diff),
-            "metric": "RM accuracy, top - bottom quartile of abs(gap)"}
-    else:
-        out["claims"]["rm_accuracy_rises_with_gap"] = {
-            "buckets": {}, "diff": None, "verdict": "inconclusive",
-            "metric": "no held-out pairs scored"}
+        out["methods"][name]["compute"] = mean(of(name, "compute"))
+    if all("common_compute" in r for r in records):  # SFT and the RM
+        out["common_compute"] = {stage: mean([r["common_compute"][stage] for r in records])
+                                 for stage in records[0]["common_compute"]}
+    out["claims"]["rm_accuracy_rises_with_gap"] = gap_claim(
+        [r.get("gap_buckets") or {} for r in records])
+    best = records[0].get("gold_best")
+    margin = None
+    if key == "gold" and best is not None and equivalence > 0:
+        margin = equivalence * (best - out["methods"]["sft"]["gold"]["mean"])
+    out["equivalence_margin"] = margin
     for claim, (a, b) in CLAIMS.items():
-        diff = paired(of(a, key), of(b, key)) if a in names and b in names else None
-        metric = f"{key}, {a} - {b}" if diff else f"needs models {a} and {b}"
-        out["claims"][claim] = {"diff": diff, "verdict": verdict(diff), "metric": metric}
-    if all("gold_checks" in r for r in records):
-        out["gold_checks"] = [r["gold_checks"] for r in records]
+        if a not in names or b not in names:
+            out["claims"][claim] = {"diff": None, "verdict": "inconclusive",
+                                    "metric": f"needs models {a} and {b}"}
+            continue
+        diff = paired(of(a, key), of(b, key))
+        out["claims"][claim] = {"diff": diff, "verdict": verdict(diff, margin),
+                                "metric": f"{key}, {a} - {b}"}
+        if all("per_prompt" in r for r in records):
+            evaluation = [[x - y for x, y in zip(r["per_prompt"][a], r["per_prompt"][b])]
+                          for r in records]
+            out["claims"][claim]["noise"] = noise(diff, evaluation, margin)
+    for extra in ("gold_checks", "per_prompt"):
+        if all(extra in r for r in records):
+            out[extra] = [r[extra] for r in records]
+    if best is not None:
+        out["gold_best"] = best
     if "samples" in records[0]:
         out["samples"] = records[0]["samples"]
     return out
+
+
+def gap_claim(buckets: list) -> dict:
+    """Claim (a) from each seed's accuracy by |gap| quartile: the top quartile minus the bottom
+    one, paired over seeds; seeds that share one RM have one value, whose interval is then the
+    two-proportion normal one over its held-out pairs."""
+    if not all(len(b) >= 2 for b in buckets):
+        return {"buckets": {}, "diff": None, "verdict": "inconclusive",
+                "metric": "no held-out pairs scored"}
+    metric = "RM accuracy, top - bottom quartile of abs(gap)"
+    by = {b: [r[b] for r in buckets] for b in buckets[0]}  # bucket -> its per-seed entries
+    accuracy = {b: [x["accuracy"] for x in v] for b, v in by.items()}
+    top, bottom = list(by)[-1], list(by)[0]
+    if all(b == buckets[0] for b in buckets):  # one RM for every seed
+        buckets = buckets[:1]
+        (p, n), (q, m) = ((by[b][0]["accuracy"], by[b][0]["pairs"]) for b in (top, bottom))
+        half = 1.96 * (p * (1 - p) / n + q * (1 - q) / m) ** 0.5
+        diff = {"mean": p - q, "ci95": [p - q - half, p - q + half], "per_seed": [p - q]}
+        metric += " (one RM: normal interval over its held-out pairs)"
+    else:
+        diff = paired(accuracy[top], accuracy[bottom])
+    summaries = {}  # bucket -> its accuracy over seeds and its mean pairs, low and high
+    for b, v in by.items():
+        means = {k: sum(x[k] for x in v) / len(v) for k in ("pairs", "low", "high")}
+        summaries[b] = {"accuracy": summary(accuracy[b][:len(buckets)]), **means}
+    return {"buckets": summaries, "diff": diff, "verdict": verdict(diff), "metric": metric}
 
 
 def seed_record(results: dict) -> dict:
     """The per-seed record back from one run folder's results.json (a study of one seed)."""
     first = lambda s: s["per_seed"][0]  # noqa: E731
     buckets = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
-    extra = {}  # the RM against gold (tasks with one), the samples the report shows
-    if "gold_checks" in results:
-        extra["gold_checks"] = results["gold_checks"][0]
-    if "samples" in results:
-        extra["samples"] = results["samples"]
+    extra = {}  # the RM against gold and the best gold (tasks with one), per prompt, samples
+    for k in ("gold_checks", "per_prompt"):
+        if k in results:
+            extra[k] = results[k][0]
+    for k in ("gold_best", "samples", "common_compute"):
+        if k in results:
+            extra[k] = results[k]
     return {"seed": results["seeds"][0],
             "methods": {n: {k: v if k == "compute" else first(v) for k, v in m.items()}
                         for n, m in results["methods"].items()},
@@ -160,24 +282,42 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     where the task has it, the first seed's samples; each seed's own report is linked."""
     atomic_save(json.dumps(results, indent=1).encode(), out / "results.json")
     n, seeds = len(results["seeds"]), ", ".join(map(str, results["seeds"]))
+    shared = cfgs["run"].study == "shared"
+    made = ("SFT, the reward model and the resampled pairs were made once (`--study shared`, in "
+            "`shared/`) and each seed trains every method anew on them" if shared else
+            "Each seed trains every model anew, SFT and the reward model included (`--study "
+            "full`)")
+    margin = results.get("equivalence_margin")
+    equivalent = (f" Otherwise it is **equivalent** when its 90 % interval lies within "
+                  f"+-{margin:.3f} ({cfgs['run'].equivalence:g} x the room from SFT to the best "
+                  "gold, `--equivalence`)." if margin else "")
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
-             "Each seed trains every model anew (initialisation, data order, sampling) on the same "
-             "task data and is evaluated like a single run; a claim is the paired per-seed "
-             "difference with its 95 % Student-t interval over seeds: it **holds** when the "
-             "interval lies above 0, **fails** below 0, else it is inconclusive. Claim (a): per "
-             "seed, the reward model's accuracy on held-out pairs in the top quartile of |gap| "
-             "minus that in the bottom quartile.", "",
-             "| claim | difference | mean | 95 % CI | per seed | verdict | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             f"{made} (initialisation, data order, sampling), on the same task data; each is "
+             "evaluated like a single run. A claim is the paired per-seed difference with its "
+             "95 % Student-t interval over seeds: it **holds** when the interval lies above 0, "
+             f"**fails** below 0.{equivalent} Else it is inconclusive. Claim (a): the reward "
+             "model's accuracy on held-out pairs in the top quartile of |gap| minus that in the "
+             "bottom quartile. Noise: the spread of the per-seed differences (sd) split into the "
+             "evaluation's (prompts x samples) and the rest (training); `buy` says which more of "
+             "would narrow the interval most (more `--eval.samples`, or more seeds), `seeds "
+             "needed` at which count this spread would give a decisive verdict.", "",
+             "| claim | difference | mean | 95 % CI | per seed | verdict | seeds | sd: total / "
+             "evaluation / training | buy | seeds needed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for claim, c in results["claims"].items():
-        d = c["diff"]
+        d, noise = c["diff"], c.get("noise", {})
         if d:
             ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "-"
             per_seed = ", ".join(f"{v:+.3f}" for v in d["per_seed"])
             cells = f"{d['mean']:+.3f} | {ci} | {per_seed}"
         else:
             cells = "- | - | -"
-        lines.append(f"| {claim} | {c['metric']} | {cells} | **{c['verdict']}** | {n} |")
+        sds = (" / ".join(f"{noise[k]:.3f}" for k in ("total_sd", "evaluation_sd", "training_sd"))
+               if "total_sd" in noise else "-")
+        needed = noise.get("seeds_needed", "-") if c["verdict"] == "inconclusive" else "-"
+        lines.append(f"| {claim} | {c['metric']} | {cells} | **{c['verdict']}** | "
+                     f"{len(d['per_seed']) if d else n} | {sds} | {noise.get('buy', '-')} | "
+                     f"{'more than 10,000' if needed is None else needed} |")
     gap = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
     if gap:
         quartiles = ", ".join(f"{b} ({v['low']:.2f}-{v['high']:.2f}, {v['pairs']:.0f} pairs) "
@@ -187,9 +327,11 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     no_gold = ("" if "gold" in results["methods"]["sft"] else
                " Without a gold reward the RM score is the only metric, and it is circular: the "
                "same RM trained the policies.")
-    lines += ["", "Each seed has its own reward model, whose scores have their own offset and "
-              "scale: compare RM scores within a seed (a claim's paired difference), not across "
-              "seeds." + no_gold]
+    if not shared:
+        no_gold = (" Each seed has its own reward model, whose scores have their own offset and "
+                   "scale: compare RM scores within a seed (a claim's paired difference), not "
+                   "across seeds." + no_gold)
+    lines += ["", no_gold.strip()] if no_gold else []
     if "gold_checks" in results:
         lines += ["", "The reward model and its split against the gold reward, per seed. On the "
                   "held-out pairs: the RM's accuracy beside the label ceiling (the labels' own "
@@ -200,7 +342,10 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
                   "| seed | RM accuracy | label ceiling | ratio | top bucket: accuracy (bucket, "
                   "pairs) | share at or above delta | RM = gold, easy | RM = gold, hard | "
                   "Pearson r |", "|---|---|---|---|---|---|---|---|---|"]
-        for seed, c in zip(results["seeds"], results["gold_checks"]):
+        rows = list(zip(map(str, results["seeds"]), results["gold_checks"]))
+        if all(c == rows[0][1] for _, c in rows):  # one RM and split for every seed
+            rows = [("all (one RM)", rows[0][1])]
+        for seed, c in rows:
             bucket, top = [(b, v) for b, v in c["by_gap"].items() if v["pairs"]][-1]
             cells = [f"{c['accuracy']:.3f}", f"{c['ceiling']:.3f}",
                      f"{c['accuracy'] / c['ceiling']:.3f}",
@@ -215,26 +360,40 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
                   "against KL to the stage's reference, one line per seed (Gao et al. 2022):", "",
                   "![over-optimisation](overoptimisation.png)"]
     metrics = [k for k in METRICS if k in results["methods"]["sft"]]
-    compute = ["policy_steps", "policy_tokens", "samples"]
+    compute = ["policy_steps", "policy_tokens", "samples", "flops", "wall_s"]
     lines += ["", f"## Models (mean [95 % CI] over {n} seeds)", "",
               "| model | " + " | ".join(metrics + compute) + " |",
               "|---" * (len(metrics) + len(compute) + 1) + "|"]
     for name, m in results["methods"].items():
         scores = " | ".join(interval(m[k]) for k in metrics)
-        counts = " | ".join(f"{m['compute'].get(k, 0):,}" for k in compute)
+        counts = " | ".join(f"{m['compute'].get(k, 0):.3g}" if k == "flops" else
+                            f"{m['compute'].get(k, 0):,}" for k in compute)
         lines.append(f"| {name} | {scores} | {counts} |")
     if cfgs["run"].budget == "matched":
         budget = ("`--budget matched`: every method gets dpo_all's optimizer steps, PPO the "
                   "nearest whole number of iterations, MPO half of them in DPO and the rest in "
                   "PPO.")
+    elif cfgs["run"].budget == "compute":
+        budget = ("`--budget compute`: every method gets about dpo_all's FLOPs, the resampling "
+                  "included, MPO half of what its resampling leaves in DPO and the rest in PPO "
+                  "(steps and iterations estimated from the data's lengths: the flops column "
+                  "shows what each spent).")
     else:
         budget = ("`--budget data`: budgets are not matched, each stage's follows its data size "
                   "(`--budget matched` gives every method dpo_all's optimizer steps).")
-    compute_text = ("Compute (mean over seeds): optimizer steps of the policy, real tokens through "
-                    "its forward and backward passes, and responses it sampled while training, "
-                    "summed over the model's own stages after SFT (the sft row: SFT itself; mpo: "
-                    "its DPO and PPO stages). Every model also shares the SFT model, the reward "
-                    "model and the resampled pairs. " + budget)
+    common = results.get("common_compute", {})
+    common_text = " ".join(f"{stage.upper()}: {c['flops']:.3g} FLOPs, {c['wall_s']:,} s."
+                           for stage, c in common.items())
+    compute_text = ("Compute (mean over seeds), counted whole: the policy's optimizer steps, the "
+                    "real tokens through its forward and backward passes, the responses sampled "
+                    "(the resampled pairs included for the models made from them: dpo_all, "
+                    "mpo_dpo, mpo and its arms), FLOPs (training the policy, the RM and PPO's "
+                    "critic; decoding; the forwards of frozen networks: DPO's reference, PPO's "
+                    "reference, old policy, RM and critic, the RM ranking the resampled pairs; "
+                    "per token and weight 2 for a forward, 6 for a trained one, lab/study.py's "
+                    "`compute`) and wall seconds of its own stages. Every model starts from the "
+                    "SFT model, and all but dpo_human need the reward model, counted apart: "
+                    f"{common_text} {budget}")
     links = ", ".join(f"[{f.name}]({f.name}/report.md)" for f in folders)
     configs = {k: asdict(v) for k, v in cfgs.items()}
     lines += ["", compute_text, "",

@@ -42,10 +42,13 @@ class Stages:
     out/name/final.pt and its metrics (wall time included) to out/name/result.json, kept in
     self.metrics[name]; a rerun with the same out loads them and skips the stage. The stage's
     settings (`records[name]`, what it depends on) go to out/name/settings.json as it starts. After
-    the stage --stop_after names, or where it would have run: StopAfter."""
+    the stage --stop_after names, or where it would have run: StopAfter. `same`: {name: model} of
+    stages another folder made exactly so (an ablation's DPO stage that is MPO's), used as they
+    are."""
 
-    def __init__(self, out: Path, records: dict, stop_after: str = ""):
+    def __init__(self, out: Path, records: dict, stop_after: str = "", same: dict | None = None):
         self.out, self.records, self.stop_after = out, records, stop_after
+        self.same = same or {}
         self.metrics = {}
 
     def stage(self, name: str, fn, *args, **kwargs):
@@ -55,6 +58,9 @@ class Stages:
         earlier = ORDER[:ORDER.index(name)] if name in ORDER else ()
         if self.stop_after in earlier:  # it came before this stage and did not run: skipped
             self.stop_if_last(self.stop_after, skipped=True)
+        if name in self.same:
+            print(f"{name}: the same stage as one made in this run, reused")
+            return self.same[name]
         model = getattr(args[0], "policy", args[0])
         folder = self.out / name
         final, result = folder / "final.pt", folder / "result.json"
@@ -117,17 +123,17 @@ def out_of_memory(name: str) -> str:
 # records of the stages it starts from, so a change reaches every stage after it. Not recorded, as
 # they change how or where a result is computed, or what is logged, but not the result: out, device,
 # dtype, compile, grad_checkpoint, what else runs (methods, variants, stop_after, redo), log_every,
-# eval_every, ckpt_every, num_samples, the evaluation (max_eval, eval.*: the evaluation reruns every
-# time; but a normalised RM records max_eval, whose held-out SFT rows set its gain and bias), and
-# the memory knobs an out-of-memory error asks to change (precompute_ref, ppo.micro_batch_size;
+# eval_every, ckpt_every, num_samples, the evaluation (max_eval, eval.*: it reruns every time), the
+# memory knobs an out-of-memory error asks to change (precompute_ref, ppo.micro_batch_size;
 # batch_size and grad_accum are recorded as their product, the effective batch), the gold function
 # (it scores, it does not train), the preset (the values it sets are recorded one by one) and the
-# study's seeds and sweep (each seed and multiple has its own folder). --budget is recorded with the
-# DPO and PPO stages only, whose steps it sets.
+# study's seeds, sweep, mode and equivalence margin (each seed and multiple has its own folder; a
+# seed's --reuse is recorded). --budget is recorded with the DPO and PPO stages only, whose steps
+# it sets.
 NOT_RECORDED = {"out", "device", "dtype", "compile", "grad_checkpoint", "methods", "variants",
                 "stop_after", "redo", "log_every", "eval_every", "ckpt_every", "num_samples",
                 "max_eval", "precompute_ref", "micro_batch_size", "gold_reward", "preset", "seeds",
-                "sweep", "budget", "eval_prompts"}
+                "sweep", "budget", "eval_prompts", "study", "equivalence"}
 
 
 def flags_of(cfg, group: str) -> dict:
@@ -150,17 +156,19 @@ def records(cfgs, split) -> dict:
     if run.dataset == "demo":  # the demo's data is made by its generator's knobs
         data |= flags_of(cfgs["demo"], "demo")
     sft = data | flags_of(cfgs["sft"], "sft")
-    rm = (data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
-          | ({"max_eval": run.max_eval} if cfgs["rm"].normalize else {}))  # normalised on held-out
+    rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
     pairs = (rm | (sft if split.source == "resample" else {})
              | {f"split.{k}": getattr(split, k) for k in ("source", "batch_size", "pairs_per_row")})
     budget = {"budget": run.budget}
     dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
-    mpo_dpo = (pairs | {f"split.{k}": getattr(split, k) for k in ("delta", "quantile", "order")}
-               | dpo_cfg)
+    mpo_dpo = (pairs | {f"split.{k}": getattr(split, k)
+                        for k in ("delta", "quantile", "order", "select", "seed")} | dpo_cfg)
+    mpo = mpo_dpo | {f"split.{k}": getattr(split, k) for k in ("stage2_ref", "ppo_prompts")}
+    # dpo_human: as many of the human pairs as there are pairs to split
+    human = sft | {f"split.{k}": getattr(split, k) for k in ("source", "pairs_per_row")}
     return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg,
-            "dpo_human": sft | dpo_cfg, "ppo_all": pairs | ppo_cfg,
-            "mpo_dpo": mpo_dpo, "mpo": mpo_dpo | {"split.stage2_ref": split.stage2_ref} | ppo_cfg}
+            "dpo_human": human | dpo_cfg, "ppo_all": pairs | ppo_cfg,
+            "mpo_dpo": mpo_dpo, "mpo": mpo | ppo_cfg}
 
 
 def variant_folder(out: Path, text: str) -> Path:
@@ -178,6 +186,9 @@ def plan(out: Path, cfgs) -> dict:
              ("split", pairs_cache(out, split), rec["pairs"]),
              *[(name, out / name if set(wanted) & set(methods) else None, rec[name])
                for name, wanted in wanted_by.items()]]
+    if run.reuse:  # made in --reuse's folder (check_reused)
+        steps = [(name, None if name in ("sft", "rm", "split") else path, settings)
+                 for name, path, settings in steps]
     if run.stop_after:
         steps = steps[:[name for name, *_ in steps].index(run.stop_after) + 1]
     else:
@@ -310,6 +321,26 @@ def remove_leftovers(out: Path):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def check_reused(folder: Path, cfgs: dict):
+    """--reuse: the folder must hold a finished SFT model, RM and the pairs of --split's source,
+    made with this run's flags but for the seeds (a study's seeds share them) and --reuse itself."""
+    rec, split = records(cfgs, cfgs["split"]), cfgs["split"]
+    ignored = {"seed", "sft.seed", "rm.seed", "reuse"}
+    for name, path in (("sft", folder / "sft"), ("rm", folder / "rm"),
+                       ("pairs", pairs_cache(folder, split))):
+        done = path.exists() if name == "pairs" else (path / "final.pt").exists()
+        record = record_of(path)
+        if not done or not record.exists():
+            raise ValueError(f"--reuse {folder}: no finished {name} ({path}); make it with "
+                             f"--stop_after split --out {folder}")
+        made = json.loads(regular_file(record).read_text())
+        changed = [k for k in dict.fromkeys([*rec[name], *made]) if k not in ignored
+                   and made.get(k, ...) != rec[name].get(k, ...)]
+        if changed:
+            raise ValueError(f"--reuse {folder}: its {name} was made with other flags "
+                             f"(--{changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''})")
+
+
 def check_checkpoints(paths, base):
     """Before anything under --out changes, every checkpoint this run would load must be one that
     loads (weights only, not torn; mmap: no weights read), and SFT's must fit this run's model
@@ -335,6 +366,8 @@ def open_run_folder(out: Path, cfgs: dict, base) -> dict:
         try:
             lock_run_folder(out)
             stale = stale_records(out, planned, cfgs["run"].redo)
+            if cfgs["run"].reuse:
+                check_reused(Path(cfgs["run"].reuse), cfgs)
             check_checkpoints([p for p in planned if p.exists() and p not in stale], base)
             remove_leftovers(out)
             remove_stale(stale)

@@ -19,8 +19,14 @@ import torch
 from lab.devices import pick_device, world_size
 from lab.flags import sweep_factors
 from lab.results import seed_record, study, write_study, write_sweep
-from lab.runs import ORDER, Interrupted, lock_run_folder
+from lab.runs import ORDER, Interrupted, StopAfter, lock_run_folder
 from lab.speed import keep_freed_memory
+
+
+# The arms every study adds beside MPO (--variants): is the DPO reference better than SFT's (claim
+# c), does the RM's gap matter (the same split sizes at random), does restricting PPO to the hard
+# prompts matter (PPO on all of them, from the same DPO model)?
+STUDY_ARMS = ("stage2_ref=sft", "select=random", "ppo_prompts=all")
 
 
 def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
@@ -35,17 +41,77 @@ def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
             "ppo": replace(cfgs["ppo"], max_iterations=iterations)}
 
 
-def compute(out: Path, folders) -> dict:
-    """A model's training compute, summed over its stage folders' result.json (train.train and
-    ppo.ppo count them): policy optimizer steps, tokens through the policy's forward + backward,
-    responses sampled."""
-    total = {"policy_steps": 0, "policy_tokens": 0, "samples": 0}
+def dpo_flops(cfg, pairs, pi: float) -> tuple[float, float]:
+    """(the reference's FLOPs, those of a step) of DPO on `pairs`: the reference's forward over all
+    of them once (precompute_ref; else a forward more a step), a step's forward and backward over
+    batch_size x grad_accum pairs of their mean length (`pi`: the policy's forward FLOPs a token)."""
+    tokens = [2 * len(p) + len(c) + len(r) for p, c, r, *_ in pairs]
+    per_pair = (3 if cfg.precompute_ref else 4) * pi * sum(tokens) / len(tokens)
+    return (pi * sum(tokens) if cfg.precompute_ref else 0), per_pair * cfg.batch_size * cfg.grad_accum
+
+
+def compute_budget(cfgs, target: float, flops: dict, dpo_data, ppo_data, spent: float,
+                   response_len: float) -> dict:
+    """cfgs with a method's DPO and PPO stages cut so that its FLOPs, counted as `compute` counts
+    them, come to about `target` (--budget compute: dpo_all's, its resampling included). `spent`:
+    what the method owes before it trains (the resampled pairs it is made from); with both stages
+    each gets half of the rest. A DPO step trains batch_size x grad_accum pairs of its data's mean
+    length, after the reference's forward over all of them; a PPO iteration rolls out up to
+    prompts_per_step x samples_per_prompt responses of `response_len` tokens (the SFT model's mean:
+    an estimate, as PPO's responses change length while it trains)."""
+    pi, v = flops["policy"], flops["rm"]
+    dpo, ppo = cfgs["dpo"], cfgs["ppo"]
+    share = max(0.0, target - spent) / (2 if dpo_data and ppo_data else 1)
+    out = dict(cfgs)
+    if dpo_data:
+        ref, per_step = dpo_flops(dpo, dpo_data, pi)
+        out["dpo"] = replace(dpo, max_steps=max(1, round((share - ref) / per_step)))
+    if ppo_data:
+        prompts = [row[0] if isinstance(row, tuple) else row for row in ppo_data]
+        rows = min(ppo.prompts_per_step, len(prompts)) * ppo.samples_per_prompt
+        tokens = rows * (sum(map(len, prompts)) / len(prompts) + response_len)
+        per_token = pi + (2 * pi + 2 * v) + 3 * (pi + v) * ppo.ppo_epochs  # decode, score, train
+        out["ppo"] = replace(ppo, max_iterations=max(1, round(share / (tokens * per_token))))
+    return out
+
+
+def compute(out: Path, folders, flops: dict, resampled: dict | None = None) -> dict:
+    """A model's compute, counted whole: summed over its stage folders' result.json (train.train,
+    dpo.dpo and ppo.ppo count tokens) and the resampled pairs it depends on (`resampled`: their
+    "samples" and "tokens"). Policy optimizer steps, tokens through the policy's forward +
+    backward, responses sampled, wall seconds, and FLOPs (`flops`: each network's forward FLOPs per
+    token, lab.estimates.forward_flops; a backward costs two forwards): training (the policy, the
+    RM, PPO's critic: 6 per token and weight), sampling (decoding, one forward a token) and scoring
+    (forwards of frozen networks: DPO's reference; PPO's old policy, reference, RM and critic
+    values; the RM ranking the resampled pairs)."""
+    pi, rm = flops["policy"], flops["rm"]
+    total = dict.fromkeys(("policy_steps", "policy_tokens", "samples", "train_flops",
+                           "sample_flops", "score_flops", "wall_s"), 0)
+    if resampled:  # two SFT samples per pair, each decoded and scored by the RM
+        total |= {"samples": resampled["samples"], "sample_flops": pi * resampled["tokens"],
+                  "score_flops": rm * resampled["tokens"]}
     for folder in folders:
-        if (out / folder / "result.json").exists():
-            r = json.loads((out / folder / "result.json").read_text())
-            for name, k in (("policy_steps", "steps"), ("policy_tokens", "tokens"),
-                            ("samples", "samples")):
-                total[name] += r.get(f"compute/{k}", 0)
+        path = out / folder / "result.json"
+        if not path.exists():
+            continue
+        r = {k.removeprefix("compute/"): v for k, v in json.loads(path.read_text()).items()}
+        kind = Path(folder).name
+        tokens, rollout = r.get("tokens", 0), r.get("rollout_tokens", 0)
+        if kind == "rm":
+            total["train_flops"] += 3 * rm * tokens
+        elif kind in ("ppo_all", "mpo"):  # policy and critic trained on the rollouts' tokens
+            total["train_flops"] += 3 * (pi + rm) * tokens
+            total["sample_flops"] += pi * rollout
+            total["score_flops"] += (2 * pi + 2 * rm) * rollout
+        else:  # sft and the DPO stages
+            total["train_flops"] += 3 * pi * tokens
+            total["score_flops"] += pi * r.get("ref_tokens", 0)
+        if kind != "rm":
+            total["policy_steps"] += r.get("steps", 0)
+            total["policy_tokens"] += tokens
+        total["samples"] += r.get("samples", 0)
+        total["wall_s"] += r.get("wall_s", 0)
+    total["flops"] = total["train_flops"] + total["sample_flops"] + total["score_flops"]
     return total
 
 
@@ -64,10 +130,11 @@ def run_study(cfgs: dict, pipeline) -> Path:
     return run_sweep(cfgs, pipeline) if run.sweep else run_seeds(cfgs, pipeline)
 
 
-def run_seed(pipeline, cfgs: dict, log=None) -> Path:
-    """One seed of a study on one thread (floating-point sums depend on the thread count: a seed's
-    numbers must not depend on the machine's cores), its output to `log` when given."""
-    torch.set_num_threads(1)
+def run_seed(pipeline, cfgs: dict, log=None, threads: int = 1) -> Path:
+    """One seed of a study on one thread, or `threads` (floating-point sums depend on the thread
+    count, not the cores: a seed's numbers must not depend on the machine's cores), its output to
+    `log` when given."""
+    torch.set_num_threads(threads)
     if log is None:
         return pipeline(cfgs)
     Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -182,22 +249,36 @@ def run_in_processes(pipeline, jobs: list, workers: int):
 def run_seeds(cfgs: dict, pipeline) -> Path:
     """--seeds N: the run for seeds --seed .. --seed + N - 1, each a run folder OUT/seed_<s>/
     (resumed like any run folder), on the same task data (--data_seed); the stages' seeds shift with
-    it. The study adds the rows its claims need: mpo_dpo (MPO's first stage alone) and
-    mpo[stage2_ref=sft] (claim c). On a CPU with several cores the seeds run side by side, one
-    process and one thread each; then OUT/report.md and OUT/results.json aggregate them
-    (lab.results.study)."""
+    it. --study shared makes SFT, the RM and the resampled pairs once first, in OUT/shared (the
+    paper's setting: one SFT model and one RM, the methods compared after them), and every seed
+    reuses them (--reuse); --study full makes everything per seed (the RM's variance in the
+    verdicts). The study adds the rows its claims need: dpo_human, mpo_dpo (MPO's first stage
+    alone) and the arms mpo[stage2_ref=sft] (claim c), mpo[select=random] and
+    mpo[ppo_prompts=all]. On a CPU with several cores the seeds run side by side, one process and
+    one thread each; then OUT/report.md and OUT/results.json aggregate them (lab.results.study)."""
     run = cfgs["run"]
     out = out_folder(run)
     seeds = [run.seed + i for i in range(run.seeds)]
     methods, variants = run.methods.split(","), list(filter(None, run.variants.split(";")))
     if "mpo" in methods:
-        methods += [] if "mpo_dpo" in methods else ["mpo_dpo"]
-        variants += [] if "stage2_ref=sft" in variants else ["stage2_ref=sft"]
+        methods += [m for m in ("dpo_human", "mpo_dpo") if m not in methods]
+        variants += [v for v in STUDY_ARMS if v not in variants]
+    reuse = ""
+    if run.study == "shared":
+        reuse = str(out / "shared")
+        print(f"study: SFT, the reward model and the resampled pairs, once for every seed, in "
+              f"{reuse}; its log: {reuse}/log.txt")
+        try:  # nothing else runs meanwhile: two threads, on any machine (the RM: 1.6x faster)
+            run_seed(pipeline, {**cfgs, "run": replace(run, seeds=1, out=reuse, methods="mpo",
+                                                       variants="", stop_after="split")},
+                     Path(reuse) / "log.txt", threads=2)
+        except StopAfter:
+            pass
     jobs = []
     for s in seeds:
         shifted = {g: replace(c, seed=c.seed + s - run.seed) if hasattr(c, "seed") else c
                    for g, c in cfgs.items()}
-        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"),
+        shifted["run"] = replace(run, seed=s, seeds=1, out=str(out / f"seed_{s}"), reuse=reuse,
                                  methods=",".join(methods), variants=";".join(variants))
         jobs.append(shifted)
     cores = os.cpu_count() or 1
@@ -213,14 +294,14 @@ def run_seeds(cfgs: dict, pipeline) -> Path:
             print(f"study: {run_seed(pipeline, job)} done")
     folders = [out / f"seed_{s}" for s in seeds]
     records = [seed_record(json.loads((f / "results.json").read_text())) for f in folders]
-    return write_study(out, cfgs, study(records), folders)
+    return write_study(out, cfgs, study(records, run.equivalence), folders)
 
 
 def share_sft_and_rm(src: Path, dst: Path):
     """A sweep's multiple starts from the first multiple's finished SFT and RM stages and resampled
-    pairs, seed by seed (same settings, same seeds: the same stages; they do not depend on beta or
-    kl_coef), copied in."""
-    for folder in [src, *sorted(src.glob("seed_*"))]:
+    pairs, seed by seed or those the seeds share (same settings, same seeds: the same stages; they
+    do not depend on beta or kl_coef), copied in."""
+    for folder in [src, src / "shared", *sorted(src.glob("seed_*"))]:
         target = dst / folder.relative_to(src)
         for name in ("sft", "rm"):
             if (folder / name / "final.pt").exists() and not (target / name).exists():

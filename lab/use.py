@@ -85,10 +85,17 @@ def stage_file(folder: Path, stage: str) -> Path:
     raise ValueError(f"{folder}: no stage {stage} (finished: {', '.join(made) or 'none'})")
 
 
+def home(folder: Path, run, stage: str) -> Path:
+    """The folder that holds the stage: SFT and the RM of a run made with --reuse (a study's seeds
+    under --study shared) are in the reused folder."""
+    return Path(run.reuse) if run.reuse and stage in ("sft", "rm") else folder
+
+
 def load_stage(folder: Path, stage: str):
     """(model, tokenizer, run config) of a finished stage: a GPT for a policy, a ScalarModel for
     "rm" (variants: "variants/<name>/mpo")."""
     run, rm_cfg = run_settings(folder)
+    folder = home(folder, run, stage)
     tok = get_tokenizer(run.tokenizer or ("demo" if run.dataset == "demo" else "gpt2"))
     shape = policy_shape(run, tok.n_vocab)
     if stage == "rm":
@@ -162,7 +169,8 @@ def main_sample(argv) -> None:
                          "the reward model (rm) scores their answers")
     models = {s: load_stage(folder, s) for s in stages}
     _, tok, run = models[stages[0]]
-    rm = load_stage(folder, "rm")[0] if (folder / "rm" / "final.pt").is_file() else None
+    has_rm = (home(folder, run, "rm") / "rm" / "final.pt").is_file()
+    rm = load_stage(folder, "rm")[0] if has_rm else None
     prompts = list(args.prompt)
     if args.prompts:
         try:

@@ -70,12 +70,13 @@ def test_tiny_pipeline_runs_writes_report_and_resumes(tmp_path, capsys):
     split = [json.loads(line) for line in (out / "split.jsonl").read_text().splitlines()]
     assert {row["side"] for row in split} == {"easy", "hard"}
     weights = {p: torch.load(p, weights_only=True) for p in out.rglob("final.pt")}
-    assert len(weights) == 8  # sft rm dpo_all ppo_all mpo_dpo mpo, and the variant's mpo_dpo mpo
+    assert len(weights) == 7  # sft rm dpo_all ppo_all mpo_dpo mpo, and the variant's mpo (its DPO stage: MPO's)
+    assert not (out / "variants" / "stage2_ref-sft" / "mpo_dpo").exists()
     capsys.readouterr()
 
     again = run_pipeline(parse_args(TINY_RUN + ["--out", str(out)]))  # every stage done: all skipped
     log = capsys.readouterr().out
-    assert log.count("done in an earlier run") == 8
+    assert log.count("done in an earlier run") == 7
     assert again.read_text() == text  # same models, same seeds: the same evaluation
     assert all(torch.equal(a, b) for p, w in weights.items()
                for a, b in zip(w.values(), torch.load(p, weights_only=True).values()))
@@ -140,7 +141,8 @@ def test_dpo_human_trains_on_the_datasets_own_pairs(tmp_path):
     text = run_pipeline(parse_args(argv)).read_text()
     assert "| dpo_human |" in text and "| dpo_all |" in text
     human, resampled = (json.loads((out / name / "settings.json").read_text()) for name in ("dpo_human", "dpo_all"))
-    assert "split.source" not in human and resampled["split.source"] == "resample"  # no resampling behind it
+    # no RM and no resampling behind it: only how many pairs there are to split (as many human pairs)
+    assert not any(k.startswith("rm.") for k in human) and any(k.startswith("rm.") for k in resampled)
     assert {k: v for k, v in resampled.items() if k in human} == human  # the same SFT model and DPO flags
     results = json.loads((out / "results.json").read_text())["methods"]
     assert results["dpo_human"]["compute"]["policy_steps"] == results["dpo_all"]["compute"]["policy_steps"] == 2

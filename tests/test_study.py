@@ -12,7 +12,7 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
-from lab.results import T975, paired, seed_record, study, summary, t975, verdict, write_study
+from lab.results import paired, seed_record, study, summary, t975, verdict, write_study
 from lab.rm import accuracy_by_gap_quartile
 from lab.study import matched_budget
 from train import TrainConfig, train
@@ -27,20 +27,19 @@ def t_cdf(x, df, steps=20000):
     return 0.5 + s * h / 3
 
 
-def test_t_table_is_the_975_quantile():
+def test_t975_is_the_975_quantile():
     assert t975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-4)  # df 1: Cauchy, closed form
     assert t975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-4)  # df 2: (2p-1)/sqrt(2p(1-p))
-    for df in range(1, len(T975) + 1):
+    for df in (*range(1, 31), 45, 200):
         assert t_cdf(t975(df), df) == pytest.approx(0.975, abs=2e-5), df
-    assert t975(31) == t975(1000) == 1.96
 
 
 def test_summary_mean_and_student_t_interval():
     s = summary([1, 2, 3])  # mean 2, sample sd 1
-    half = 4.3027 / math.sqrt(3)
+    half = 4.302653 / math.sqrt(3)
     assert s["mean"] == 2 and s["ci95"] == pytest.approx([2 - half, 2 + half]) and s["per_seed"] == [1, 2, 3]
-    s = summary([0.5, 1.5])  # sd sqrt(0.5), n 2: half width 12.7062 * 0.5
-    assert s["ci95"] == pytest.approx([1 - 6.3531, 1 + 6.3531])
+    s = summary([0.5, 1.5])  # sd sqrt(0.5), n 2: half width 12.706205 * 0.5
+    assert s["ci95"] == pytest.approx([1 - 6.3531025, 1 + 6.3531025])
     assert summary([4.0]) == {"mean": 4.0, "ci95": None, "per_seed": [4.0]}  # one seed: no interval
     assert summary([2, 2, 2])["ci95"] == [2, 2]
 
@@ -48,7 +47,7 @@ def test_summary_mean_and_student_t_interval():
 def test_paired_differences_and_verdicts():
     d = paired([3, 5, 4], [1, 2, 3])  # differences 2, 3, 1: mean 2, sd 1
     assert d["per_seed"] == [2, 3, 1] and d["mean"] == 2
-    assert d["ci95"] == pytest.approx([2 - 4.3027 / math.sqrt(3), 2 + 4.3027 / math.sqrt(3)])
+    assert d["ci95"] == pytest.approx([2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)])
     assert verdict(d) == "inconclusive"  # [-0.48, 4.48] contains 0
     d = paired([3.0, 3.2, 2.8], [1.0, 1.0, 1.0])  # 2 +- 4.3027 * 0.2 / sqrt(3) = [1.50, 2.50]
     assert d["ci95"] == pytest.approx([2 - 0.49683, 2 + 0.49683], abs=1e-4) and verdict(d) == "holds"
@@ -173,7 +172,7 @@ TINY = ["--max_train", "64", "--n_layer", "1", "--n_head", "2", "--n_embd", "32"
 
 
 def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys):
-    assert mpo.parse_args([])["run"].seeds == 3 and mpo.parse_args(["--dataset", "tldr"])["run"].seeds == 1
+    assert mpo.parse_args([])["run"].seeds == 10 and mpo.parse_args(["--dataset", "tldr"])["run"].seeds == 1
     with pytest.raises(SystemExit):
         mpo.parse_args(["--seeds", "0"])
     assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
@@ -181,37 +180,65 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--budget", "matched", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [5, 6]
-    names = ["sft", "dpo_all", "ppo_all", "mpo_dpo", "mpo", "mpo[stage2_ref=sft]"]
-    assert list(results["methods"]) == names  # the study adds mpo_dpo and claim (c)'s variant
+    arms = ["mpo[stage2_ref=sft]", "mpo[select=random]", "mpo[ppo_prompts=all]"]
+    names = ["sft", "dpo_all", "dpo_human", "ppo_all", "mpo_dpo", "mpo", *arms]
+    assert list(results["methods"]) == names  # the study adds dpo_human, mpo_dpo and the arms
     for m in results["methods"].values():
         assert set(m) == {"gold", "rm_score", "kl_to_sft", "win_rate", "compute"}
         assert len(m["gold"]["per_seed"]) == 2 and m["gold"]["ci95"][0] <= m["gold"]["mean"] <= m["gold"]["ci95"][1]
+    # --study shared (the demo's): SFT, the RM and the resampled pairs made once, in shared/, for both seeds
+    assert all((out / "shared" / s / "final.pt").exists() for s in ("sft", "rm"))
+    assert not any((out / f"seed_{s}" / stage).exists() for s in (5, 6) for stage in ("sft", "rm"))
+    assert not list(out.glob("seed_*/pairs_*.pt")) and (out / "shared" / "pairs_resample.pt").exists()
+    # The arms reuse MPO's DPO stage where theirs would be the same: their PPO starts from the same model.
+    seed = out / "seed_5"
+    assert not (seed / "variants" / "stage2_ref-sft" / "mpo_dpo").exists()
+    assert (seed / "variants" / "select-random" / "mpo_dpo" / "final.pt").exists()  # other pairs: its own
+
+    def first_eval(folder):
+        return next(r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                    if r["split"] == "eval")
+
+    start = {k: v for k, v in first_eval(seed / "mpo").items() if k not in ("time", "kl")}
+    for arm in ("stage2_ref-sft", "ppo_prompts-all"):  # the same samples (KL: to its own reference)
+        assert {k: v for k, v in first_eval(seed / "variants" / arm / "mpo").items() if k not in ("time", "kl")} == start
+    assert first_eval(seed / "variants" / "ppo_prompts-all" / "mpo")["kl"] == 0
     # The matched budget: dpo_all's 4 optimizer steps for every method; a PPO iteration takes 1 epoch x 2
     # minibatches, on all of its prompts (fewer than 64): ppo_all 2 iterations, MPO 2 DPO steps and 1 iteration.
     compute = {name: m["compute"] for name, m in results["methods"].items()}
     ppo_cfg = mpo.parse_args(TINY)["ppo"]
     assert ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches == 2
-    assert [compute[m]["policy_steps"] for m in ("dpo_all", "ppo_all", "mpo_dpo", "mpo", "mpo[stage2_ref=sft]")] == [
-        4, 4, 2, 4, 4]
-    split = [json.loads(line)["side"] for line in (out / "seed_5" / "split.jsonl").read_text().splitlines()]
+    assert [compute[m]["policy_steps"] for m in names[1:]] == [4, 4, 4, 2, 4, 4, 4, 4]
+    split = [json.loads(line)["side"] for line in (seed / "split.jsonl").read_text().splitlines()]
     assert len(split) < ppo_cfg.prompts_per_step  # one resampled pair per distinct prompt (the demo's split)
+    # Responses sampled, the resampling (two per pair) counted for the models made from the resampled pairs
+    resampled = 2 * len(split)
     assert compute["ppo_all"]["samples"] == 2 * len(split) * ppo_cfg.samples_per_prompt
-    assert compute["mpo"]["samples"] == split.count("hard") * ppo_cfg.samples_per_prompt
-    assert compute["mpo_dpo"]["samples"] == 0
+    assert compute["mpo"]["samples"] == resampled + split.count("hard") * ppo_cfg.samples_per_prompt
+    assert compute["mpo_dpo"]["samples"] == compute["dpo_all"]["samples"] == resampled
+    assert compute["dpo_human"]["samples"] == 0
+    # the arm has MPO's budget (one iteration) on every prompt
+    assert compute["mpo[ppo_prompts=all]"]["samples"] == resampled + len(split) * ppo_cfg.samples_per_prompt
     assert compute["dpo_all"]["policy_tokens"] > compute["mpo_dpo"]["policy_tokens"]  # all pairs against the easy half
+    assert compute["mpo"]["flops"] > compute["mpo_dpo"]["flops"] > 0 and set(results["common_compute"]) == {"sft", "rm"}
     assert set(results["claims"]) == {"rm_accuracy_rises_with_gap", "mpo_beats_dpo_all", "mpo_beats_ppo_all",
-                                      "dpo_reference_beats_sft_reference"}
-    for c in results["claims"].values():
-        assert c["verdict"] in ("holds", "fails", "inconclusive") and len(c["diff"]["per_seed"]) == 2
+                                      "mpo_beats_dpo_human", "dpo_reference_beats_sft_reference",
+                                      "gap_split_beats_random_split", "hard_prompts_beat_all_prompts"}
+    for name, c in results["claims"].items():
+        assert c["verdict"] in ("holds", "fails", "equivalent", "inconclusive")
+        assert len(c["diff"]["per_seed"]) == (1 if name == "rm_accuracy_rises_with_gap" else 2)  # one RM
+    assert set(results["claims"]["mpo_beats_dpo_all"]["noise"]) >= {"total_sd", "evaluation_sd", "training_sd"}
     text = (out / "report.md").read_text()
     assert text.index("| mpo_beats_dpo_all |") < text.index("| mpo[stage2_ref=sft] |")  # the claims come first
-    assert "`--budget matched`" in text and (out / "overoptimisation.png").stat().st_size > 1000
+    assert "`--budget matched`" in text and "`--study shared`" in text
+    assert (out / "overoptimisation.png").stat().st_size > 1000
     # Each seed's RM and split against gold reach the study's report, the ceiling beside the accuracy.
     checks = results["gold_checks"]
     assert len(checks) == 2 and all(0 < c["ceiling"] <= 1 and 0 <= c["easy_share"] <= 1 for c in checks)
-    assert f"| 6 | {checks[1]['accuracy']:.3f} | {checks[1]['ceiling']:.3f} |" in text
+    assert checks[0] == checks[1]  # one RM and split: one row
+    assert f"| all (one RM) | {checks[1]['accuracy']:.3f} | {checks[1]['ceiling']:.3f} |" in text
     # and the first seed's samples, as its own report shows them
-    samples = (out / "seed_5" / "report.md").read_text().split("## Samples\n")[1].split("## ")[0]
+    samples = (seed / "report.md").read_text().split("## Samples\n")[1].split("## ")[0]
     assert "## Samples (seed 5)\n" + samples in text and samples.count("**") == 2 * len(names)
     # Each seed is a run folder of its own; the task data is the first seed's in both.
     seeds = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (5, 6)]
@@ -221,13 +248,18 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     assert prompts[0] == prompts[1]
     assert load_task("demo", 5).pairs_train != load_task("demo", 6).pairs_train  # which --seed alone would change
     config = json.loads((out / "seed_6" / "config.json").read_text())
-    assert config["run"]["seed"] == 6 and config["sft"]["seed"] == 6 and config["run"]["seeds"] == 1
-    assert seeds[0]["methods"]["sft"]["gold"] != seeds[1]["methods"]["sft"]["gold"]  # another training seed
+    assert config["run"]["seed"] == 6 and config["dpo"]["seed"] == 6 and config["run"]["seeds"] == 1
+    assert seeds[0]["methods"]["sft"]["gold"] != seeds[1]["methods"]["sft"]["gold"]  # another evaluation draw
     # A rerun reuses every seed's stages and gives the same numbers.
     capsys.readouterr()
     mpo.main([*TINY, "--seeds", "2", "--seed", "5", "--budget", "matched", "--out", str(out)])
     assert json.loads((out / "results.json").read_text()) == results
     assert all((out / f"seed_{s}" / "log.txt").read_text().count("done in an earlier run") >= 9 for s in (5, 6))
+    # --reuse checks what it is given: another RM is refused in one line, before anything changes
+    with pytest.raises(SystemExit) as e:
+        mpo.main([*TINY, "--rm.lr", "0.5", "--seed", "5", "--out", str(tmp_path / "one"), "--seeds", "1",
+                  "--reuse", str(out / "shared")])
+    assert e.value.code == f"mpo: error: --reuse {out / 'shared'}: its rm was made with other flags (--rm.lr)"
 
 
 def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(tmp_path, capsys):
@@ -249,7 +281,9 @@ def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(t
     dpo_all = weights["0.5"]["dpo_all"], weights["2"]["dpo_all"]
     assert not all(torch.equal(dpo_all[0][k], dpo_all[1][k]) for k in dpo_all[0])  # another beta, another model
     sweep = json.loads((out / "sweep.json").read_text())
-    assert list(sweep) == ["0.5", "2"] and all(set(r) == {"seeds", "methods", "claims", "gold_checks", "samples"} for r in sweep.values())
+    assert list(sweep) == ["0.5", "2"] and all(set(r) == {
+        "seeds", "methods", "claims", "gold_checks", "samples", "common_compute", "equivalence_margin", "gold_best",
+        "per_prompt"} for r in sweep.values())
     text = (out / "report.md").read_text()
     assert "| model | x0.5 | x2 |" in text and "| mpo_beats_dpo_all |" in text
     assert (out / "frontier.png").stat().st_size > 1000

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Three seeds, two processes at a time, each in a long SFT stage (a progress line every step).
-LONG = ["--seeds", "3", "--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+LONG = ["--seeds", "3", "--study", "full", "--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--max_train", "200", "--demo.pairs_train", "300", "--sft.max_steps", "20000", "--sft.log_every", "1",
         "--sft.ckpt_every", "50", "--rm.max_steps", "2", "--methods", "", "--eval.prompts", "4"]
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/self/stat").exists(),

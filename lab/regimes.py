@@ -1,0 +1,92 @@
+"""When does MPO help? The demo's data regimes x budgets (docs/results.md has the plan and the
+answer): each cell a 10-seed study of every method and arm on one SFT model and RM, and the table
+and the picture that sum the cells up.
+
+    python -m lab.regimes run off x1    # one cell, in out/regimes/off_x1/
+    python -m lab.regimes report        # out/regimes/table.md and gold_vs_flops.png, cells run so far
+
+A regime's cells share its SFT model, RM and resampled pairs (they do not depend on the budget):
+the first cell run makes them, the others copy them in.
+"""
+import json
+import sys
+from pathlib import Path
+
+from lab.report import plt, save_figure
+from lab.study import share_sft_and_rm
+
+REGIMES = {"on": [], "off": ["--demo.pairs_source", "other"],
+           "on-noisy": ["--demo.noise_temperature", "2"],
+           "off-noisy": ["--demo.pairs_source", "other", "--demo.noise_temperature", "2"]}
+BUDGETS = {"x0.5": ["--dpo.epochs", "2"], "x1": [], "x3": ["--dpo.epochs", "12"]}
+EXTRAS = {"": [], "ppp4": ["--split.pairs_per_prompt", "4"]}
+ROOT = Path("out/regimes")
+
+
+def cell_name(regime: str, budget: str, extra: str = "") -> str:
+    return f"{regime}_{budget}" + (f"_{extra}" if extra else "")
+
+
+def run_cell(regime: str, budget: str, extra: str = ""):
+    """The cell's study under ROOT, its regime's shared stages copied from a cell run before."""
+    from lab.cli import main  # the command line: the study, its lock and its one-line errors
+    out = ROOT / cell_name(regime, budget, extra)
+    for other in sorted(ROOT.glob(f"{regime}_x*")):
+        if other != out and (other / "shared" / "rm" / "final.pt").exists():
+            share_sft_and_rm(other, out)
+            break
+    main([*REGIMES[regime], *BUDGETS[budget], *EXTRAS[extra], "--seeds", "10", "--out", str(out)])
+
+
+def cell_text(claim: dict) -> str:
+    """"+0.164 [+0.142, +0.185] holds", with the seeds it would need when not decisive."""
+    d = claim["diff"]
+    if not d:
+        return "-"
+    ci = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else ""
+    needed = claim.get("noise", {}).get("seeds_needed", "-")
+    more = f" (needs {needed or '> 10,000'} seeds)" if claim["verdict"] == "inconclusive" else ""
+    return f"{d['mean']:+.3f}{ci} **{claim['verdict']}**{more}"
+
+
+def report():
+    """ROOT/table.md: the claims (rows) in every cell run (columns); ROOT/gold_vs_flops.png: held-out
+    gold against each method's FLOPs, a point per budget, one panel per regime."""
+    cells = {p.parent.name: json.loads(p.read_text()) for p in sorted(ROOT.glob("*/results.json"))}
+    if not cells:
+        sys.exit(f"no cell has finished under {ROOT}")
+    claims = list(next(iter(cells.values()))["claims"])
+    lines = ["| claim | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
+    for claim in claims:
+        lines.append(f"| {claim} | " + " | ".join(cell_text(r["claims"][claim])
+                                                  for r in cells.values()) + " |")
+    kl = {name: max(m["kl_to_sft"]["mean"] for m in r["methods"].values())
+          for name, r in cells.items()}
+    lines += ["", "Largest mean KL to SFT of any model: "
+              + ", ".join(f"{name} {v:.2f}" for name, v in kl.items()) + "."]
+    (ROOT / "table.md").write_text("\n".join(lines) + "\n")
+    regimes = [r for r in REGIMES if any(name.split("_")[0] == r for name in cells)]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 3.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        mine = {b: cells[cell_name(regime, b)] for b in BUDGETS if cell_name(regime, b) in cells}
+        methods = list(next(iter(mine.values()))["methods"])
+        for i, method in enumerate(methods):
+            points = sorted((r["methods"][method]["compute"]["flops"],
+                             r["methods"][method]["gold"]["mean"]) for r in mine.values())
+            ax.plot(*zip(*points), marker="o", color=f"C{i}", label=method)
+        ax.set(xscale="log", title=regime, xlabel="FLOPs (the method's own, counted whole)",
+               ylabel="held-out gold (mean over seeds)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, ROOT / "gold_vs_flops.png")
+    print(f"{ROOT / 'table.md'}, {ROOT / 'gold_vs_flops.png'}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["run"] and len(sys.argv) in (4, 5):
+        run_cell(*sys.argv[2:])
+    elif sys.argv[1:] == ["report"]:
+        report()
+    else:
+        sys.exit("usage: python -m lab.regimes run REGIME BUDGET [ppp4] | report; regimes: "
+                 f"{', '.join(REGIMES)}; budgets: {', '.join(BUDGETS)}")
