@@ -13,7 +13,8 @@ the banned word; a bonus of 1 rewards a first and last word that differ but star
 letter -- an interaction of two positions that a reward model must discover from noisy pairs alone.
 SFT responses are drawn from a broad mixture (topic words, neutral and other topics' words, some
 clashing words, occasional repeats and wrong lengths): gold -0.2 on average with std 1.7, while the
-best response to a prompt scores 3.25 to 6 (4.8 on average). Preference labels follow
+best response to a prompt scores 3.25 to 6 (4.8 on average). The preference pairs come from the same
+mixture, or with --demo.pairs_source other from another one (off-policy pairs). Preference labels follow
 Bradley-Terry, P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs are
 noisy like human labels. Evaluation prompts are held out: they never appear in the training data.
 The demo's tokenizer (data.get_tokenizer("demo")) makes every word of DEMO_VOCAB one token, so the
@@ -83,19 +84,30 @@ class DemoConfig:
     pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
     prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels
+    pairs_source: str = "sft"       # the pairs' responses: "sft", the SFT data's generator; "other":
+                                    # another one (off-policy pairs: a distribution shift)
 
 
-def _demo_response(rng: random.Random, topic: str, n: int) -> str:
-    """A response of mixed quality: the SFT data and the preference pairs both come from here."""
+# The response generators: the weights of the length's offsets -2 .. +2 from the asked count, of the
+# four word pools (the topic's, other topics', neutral, the clashing topic's), and the chance of a
+# repeat. The SFT data come from "sft"; --demo.pairs_source other draws the pairs from "other": more
+# neutral and clashing words, longer, more repeats.
+GENERATORS = {"sft": ((0.05, 0.15, 0.6, 0.15, 0.05), (0.4, 0.3, 0.2, 0.1), 0.05),
+              "other": ((0.02, 0.08, 0.4, 0.3, 0.2), (0.25, 0.15, 0.45, 0.15), 0.1)}
+
+
+def _demo_response(rng: random.Random, topic: str, n: int, source: str = "sft") -> str:
+    """A response of mixed quality from one of the GENERATORS."""
+    lengths, pool_weights, repeat = GENERATORS[source]
     others = [w for t, ws in DEMO_TOPICS.items() if t not in (topic, DEMO_CLASH[topic]) for w in ws]
-    length = max(1, n + rng.choices((-2, -1, 0, 1, 2), (0.05, 0.15, 0.6, 0.15, 0.05))[0])
+    length = max(1, n + rng.choices((-2, -1, 0, 1, 2), lengths)[0])
     words = []
     for _ in range(length):
-        if words and rng.random() < 0.05:
+        if words and rng.random() < repeat:
             words.append(rng.choice(words))  # occasional repeat
             continue
         pools = (DEMO_TOPICS[topic], others, DEMO_NEUTRAL, DEMO_TOPICS[DEMO_CLASH[topic]])
-        pool = rng.choices(pools, (0.4, 0.3, 0.2, 0.1))[0]
+        pool = rng.choices(pools, pool_weights)[0]
         words.append(rng.choice(pool))
     return " " + " ".join(words)
 
@@ -137,8 +149,8 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> tuple:
         while len(out) < k:
             p = rng.choice(prompts)
             prompt = demo_prompt(*p)
-            a = _demo_response(rng, p[0], p[1])
-            b = _demo_response(rng, p[0], p[1])
+            a = _demo_response(rng, p[0], p[1], cfg.pairs_source)
+            b = _demo_response(rng, p[0], p[1], cfg.pairs_source)
             if a == b:
                 continue
             gap = demo_gold_reward(prompt, a) - demo_gold_reward(prompt, b)

@@ -166,8 +166,9 @@ def distinct_prompts(rows) -> list:
 def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) -
     r(rejected). "resample" (author's code): two SFT samples per training row with
-    split.pairs_per_row (author; TL;DR repeats posts), else per distinct prompt, at temperature 1,
-    top-k 50, top-p 0.9, the higher-scored one chosen, so every gap is >= 0. "human": the dataset's
+    split.pairs_per_row (author; TL;DR repeats posts), else per distinct prompt (pairs_per_prompt
+    pairs each, one after another), at temperature 1, top-k 50, top-p 0.9, the higher-scored one
+    chosen, so every gap is >= 0. "human": the dataset's
     own pairs; a negative gap means the RM disagrees with the label, and |gap| decides the side all
     the same."""
     device = pick_device(run.device)
@@ -179,7 +180,7 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     if split.source != "resample":
         raise ValueError(f"--split.source must be 'resample' or 'human', got {split.source!r}")
     prompts = [row[0] for row in pairs] if split.pairs_per_row else distinct_prompts(pairs)
-    twice = [list(p) for p in prompts for _ in range(2)]
+    twice = [list(p) for p in prompts for _ in range(2 * split.pairs_per_prompt)]
     responses = sample_responses(sft_model, twice, eos_id, run, batch_size, 1.0, 50, 0.9,
                                  "resample: SFT samples")
     scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size,
@@ -211,6 +212,8 @@ class SplitConfig:
     seed: int = 0               # select "random"'s draw
     pairs_per_row: bool = True  # resample: a pair per training row (author; TL;DR repeats posts),
                                 # else per prompt
+    pairs_per_prompt: int = 1   # resample: this many pairs per row or prompt; a prompt's side is
+                                # then set by the mean |gap| of its pairs, not one draw
     batch_size: int = 0         # sampling and scoring batch; 0 = 32 on a CPU, sized from free
                                 # memory on a GPU
 
@@ -228,9 +231,14 @@ def gap_threshold(gaps, split: SplitConfig) -> float:
 
 
 def split_indices(gaps, split: SplitConfig) -> tuple:
-    """(easy_index, hard_index) at the split's threshold, or for the ablations: as many easy pairs
+    """(easy_index, hard_index) at the split's threshold (with several resampled pairs per prompt,
+    a prompt's pairs go to the side of their mean |gap|), or for the ablations: as many easy pairs
     at random (select "random"), the two sides swapped (order "hard_first")."""
-    easy, hard = split_by_reward_gap(gaps, gap_threshold(gaps, split))
+    size = torch.as_tensor(gaps, dtype=torch.float).abs()
+    k = split.pairs_per_prompt if split.source == "resample" else 1
+    if k > 1:  # a prompt's difficulty: the mean |gap| of its k pairs
+        size = size.view(-1, k).mean(1).repeat_interleave(k)
+    easy, hard = split_by_reward_gap(size, gap_threshold(gaps, split))
     if split.select == "random":
         order = torch.randperm(len(gaps), generator=torch.Generator().manual_seed(split.seed))
         easy, hard = order[:len(easy)].sort().values, order[len(easy):].sort().values

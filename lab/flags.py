@@ -34,6 +34,7 @@ CHOICES = {
     "split.order": ("easy_first", "hard_first"),
     "split.select": ("gap", "random"),
     "split.ppo_prompts": ("hard", "all"),
+    "demo.pairs_source": ("sft", "other"),
     "dpo.loss_type": ("sigmoid", "ipo"),
     **{f"{group}.decay": ("cosine", "linear", "constant") for group in ("sft", "rm", "dpo", "ppo")},
 }
@@ -57,6 +58,7 @@ LIMITS = {
         "ppo.temperature", "ppo.reward_clip", "ppo.kl_horizon", "ppo.ppo_epochs",
         "ppo.num_minibatches", "ppo.micro_batch_size", "ppo.clip_range", "ppo.clip_range_value",
         "ppo.actor_lr", "ppo.critic_lr", "ppo.adam_eps", "eval.prompts", "eval.samples",
+        "split.pairs_per_prompt",
         "demo.sft_train", "demo.sft_eval", "demo.pairs_train", "demo.pairs_eval"), POSITIVE),
     **dict.fromkeys((
         "*.max_steps", "*.warmup_steps", "*.weight_decay", "*.eval_every", "run.max_train",

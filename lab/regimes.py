@@ -19,7 +19,8 @@ REGIMES = {"on": [], "off": ["--demo.pairs_source", "other"],
            "on-noisy": ["--demo.noise_temperature", "2"],
            "off-noisy": ["--demo.pairs_source", "other", "--demo.noise_temperature", "2"]}
 BUDGETS = {"x0.5": ["--dpo.epochs", "2"], "x1": [], "x3": ["--dpo.epochs", "12"]}
-EXTRAS = {"": [], "ppp4": ["--split.pairs_per_prompt", "4"]}
+# four resampled pairs per prompt, in one DPO epoch: the x1 budget's steps on four times the pairs
+EXTRAS = {"": [], "ppp4": ["--split.pairs_per_prompt", "4", "--dpo.epochs", "1"]}
 ROOT = Path("out/regimes")
 
 

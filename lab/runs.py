@@ -158,14 +158,16 @@ def records(cfgs, split) -> dict:
     sft = data | flags_of(cfgs["sft"], "sft")
     rm = data | flags_of(cfgs["rm"], "rm") | (sft if cfgs["rm"].init == "sft" else {})
     pairs = (rm | (sft if split.source == "resample" else {})
-             | {f"split.{k}": getattr(split, k) for k in ("source", "batch_size", "pairs_per_row")})
+             | {f"split.{k}": getattr(split, k)
+                for k in ("source", "batch_size", "pairs_per_row", "pairs_per_prompt")})
     budget = {"budget": run.budget}
     dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
     mpo_dpo = (pairs | {f"split.{k}": getattr(split, k)
                         for k in ("delta", "quantile", "order", "select", "seed")} | dpo_cfg)
     mpo = mpo_dpo | {f"split.{k}": getattr(split, k) for k in ("stage2_ref", "ppo_prompts")}
     # dpo_human: as many of the human pairs as there are pairs to split
-    human = sft | {f"split.{k}": getattr(split, k) for k in ("source", "pairs_per_row")}
+    human = sft | {f"split.{k}": getattr(split, k)
+                   for k in ("source", "pairs_per_row", "pairs_per_prompt")}
     return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg,
             "dpo_human": human | dpo_cfg, "ppo_all": pairs | ppo_cfg,
             "mpo_dpo": mpo_dpo, "mpo": mpo | ppo_cfg}
@@ -383,9 +385,12 @@ def open_run_folder(out: Path, cfgs: dict, base) -> dict:
 # The pairs cache: the resampled pairs, costly to make, made once per run folder and source.
 
 def pairs_cache(out: Path, split) -> Path:
-    """out/pairs_<source>.pt, or pairs_resample_per_row.pt: the pairs of one source and sampling."""
-    per_row = "_per_row" if split.pairs_per_row and split.source == "resample" else ""
-    return out / f"pairs_{split.source}{per_row}.pt"
+    """out/pairs_<source>.pt, or pairs_resample_per_row.pt, pairs_resample_x4.pt (4 pairs per
+    prompt): the pairs of one source and sampling."""
+    resample = split.source == "resample"
+    per_row = "_per_row" if split.pairs_per_row and resample else ""
+    several = f"_x{split.pairs_per_prompt}" if split.pairs_per_prompt > 1 and resample else ""
+    return out / f"pairs_{split.source}{per_row}{several}.pt"
 
 
 def save_pairs(cache: Path, rows, gaps, settings):
