@@ -23,7 +23,7 @@ from lab.report import write_report
 from lab.results import METRICS, study
 from lab.rm import gold_checks, score_pairs
 from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
-                      variant_folder)
+                      variant_folder, write_config)
 from lab.study import compute, compute_budget, dpo_flops, matched_budget, out_folder
 from model import GPT, GPTConfig
 from mpo import (distinct_prompts, easy_and_hard, gap_threshold, make_pairs, mpo, mpo_stages,
@@ -373,4 +373,5 @@ def run_pipeline(cfgs: dict) -> Path:
     record["samples"] = samples  # the study's report shows its first seed's
     results_json = study([record], run.equivalence)  # a study of one seed
     atomic_save(json.dumps(results_json, indent=1).encode(), out / "results.json")
+    write_config(out, cfgs)  # the flags of the run that made this report
     return report

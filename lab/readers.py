@@ -11,6 +11,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -228,10 +230,13 @@ def read_jsonl_task(data_dir) -> tuple[list, list, list, list]:
     return sft_rows("train", train), sft_rows("test", test), train, test
 
 
-def load_gold_reward(spec: str, sample: tuple[str, str]) -> Callable[[str, str], float]:
+def load_gold_reward(spec: str, sample: tuple[str, str],
+                     patience: float = 30.0) -> Callable[[str, str], float]:
     """"FILE.py:FUNCTION" -> that (prompt, response) -> float, imported from the user's own file and
     tried once on `sample` so a broken one fails before training; every later call that raises or
-    returns a non-finite number fails with one line naming it."""
+    returns a non-finite number fails with one line naming it, and one that has not returned after
+    `patience` seconds says so on stderr, every `patience` seconds, so that a run never waits in
+    silence."""
     path, _, name = spec.rpartition(":")
     if not path.endswith(".py") or not name:
         raise ValueError(f"--gold_reward {spec}: expected FILE.py:FUNCTION")
@@ -244,14 +249,29 @@ def load_gold_reward(spec: str, sample: tuple[str, str]) -> Callable[[str, str],
         raise ValueError(f"--gold_reward {spec}: cannot import "
                          f"({type(e).__name__}: {_one_line(e)})") from None
 
+    running = {}  # the call under way: its start and prompt, for the watch below
+
+    def watch():
+        while True:
+            time.sleep(patience)
+            start, prompt = running.get("start"), running.get("prompt", "")
+            if start is not None and time.time() - start >= patience:
+                print(f"--gold_reward {spec}: no answer after {time.time() - start:.0f} s on prompt "
+                      f"{prompt[:60]!r}; still waiting (Ctrl-C stops the run)", file=sys.stderr,
+                      flush=True)
+
     def gold(prompt: str, response: str) -> float:
+        running.update(start=time.time(), prompt=prompt)
         try:
             value = float(fn(prompt, response))
         except (Exception, SystemExit) as e:  # sys.exit() in it too; Ctrl-C stays an interrupt
             raise ValueError(f"--gold_reward {spec}: raised {type(e).__name__}: {_one_line(e)} "
                              f"on prompt {prompt[:60]!r}") from None
+        finally:
+            running["start"] = None
         if not math.isfinite(value):
             raise ValueError(f"--gold_reward {spec}: returned {value} on prompt {prompt[:60]!r}")
         return value
+    threading.Thread(target=watch, daemon=True).start()
     gold(*sample)
     return gold

@@ -360,9 +360,11 @@ def check_checkpoints(paths, base):
 
 def open_run_folder(out: Path, cfgs: dict, base) -> dict:
     """Lock out, compare what is there with this run's settings, check every checkpoint this run
-    would load, clear what killed runs left and (--redo) the stale stages, and write config.json:
-    only once all of that holds does anything under out change (rank 0 changes it; every rank learns
-    how that went). Returns the plan: {folder or cache: its settings}."""
+    would load, clear what killed runs left and (--redo) the stale stages, and write config.json
+    in a new folder: only once all of that holds does anything under out change (rank 0 changes it;
+    every rank learns how that went). A rerun's flags replace config.json only once it has finished
+    (write_config): one that fails leaves the finished run's. Returns the plan: {folder or cache: its
+    settings}."""
     planned, problem = plan(out, cfgs), None
     if is_main():
         try:
@@ -373,13 +375,19 @@ def open_run_folder(out: Path, cfgs: dict, base) -> dict:
             check_checkpoints([p for p in planned if p.exists() and p not in stale], base)
             remove_leftovers(out)
             remove_stale(stale)
-            config = {k: asdict(v) for k, v in cfgs.items()}
-            atomic_save(json.dumps(config, indent=1).encode(), out / "config.json")
+            if not (out / "config.json").exists():
+                write_config(out, cfgs)
         except ValueError as e:
             problem = str(e)
     if problem := gather(problem)[0]:
         raise ValueError(problem)
     return planned
+
+
+def write_config(out: Path, cfgs: dict):
+    """out/config.json: every flag of the run (lab/use.py rebuilds its models from it)."""
+    config = {k: asdict(v) for k, v in cfgs.items()}
+    atomic_save(json.dumps(config, indent=1).encode(), out / "config.json")
 
 
 # The pairs cache: the resampled pairs, costly to make, made once per run folder and source.

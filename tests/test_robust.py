@@ -534,6 +534,20 @@ def test_a_full_disk_names_the_file(monkeypatch, tmp_path, capsys):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+def test_a_rerun_that_fails_on_a_full_disk_keeps_the_finished_runs_config(whole, monkeypatch, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    before = (out / "config.json").read_bytes()
+
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    # other evaluation flags and a stage more (dpo_all), whose first checkpoint cannot be written
+    message = error_of(["--out", str(out), *TINY, "--methods", "dpo_all", "--eval.samples", "2"], capsys)
+    assert message.endswith("cannot write (No space left on device)")
+    assert (out / "config.json").read_bytes() == before  # it still describes the run that finished
+
+
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_a_data_file_that_is_not_a_regular_file_is_refused_without_reading(kind, whole, tmp_path, capsys):
     data = hh_files(tmp_path / "data")

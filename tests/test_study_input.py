@@ -2,6 +2,7 @@
 task with nothing usable in it; and single runs name the file of a line or a checkpoint they cannot
 use. python -m pytest -q tests/test_study_input.py"""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,16 @@ def test_a_gold_function_that_exits_is_one_line_naming_it(tmp_path):
     spec = f"{tmp_path / 'gold.py'}:gold"
     with pytest.raises(ValueError, match=rf"^--gold_reward {spec}: raised SystemExit: 3 on prompt 'p'$"):
         load_gold_reward(spec, ("p", " r"))
+
+
+def test_a_gold_function_that_does_not_return_is_reported_while_the_run_waits(tmp_path, capsys):
+    from lab.readers import load_gold_reward
+    (tmp_path / "slow.py").write_text("import time\ndef gold(prompt, response):\n"
+                                      "    if prompt == 'wait':\n        time.sleep(2.5)\n    return 1.0\n")
+    spec = f"{tmp_path / 'slow.py'}:gold"
+    gold = load_gold_reward(spec, ("p", " r"), patience=1.0)
+    assert gold("quick", " r") == 1.0 and capsys.readouterr().err == ""  # an answer in time: no word
+    assert gold("wait", " r") == 1.0
+    err = capsys.readouterr().err  # said within 2 s of the call's start, while it still ran
+    assert re.search(rf"--gold_reward {re.escape(spec)}: no answer after [12] s on prompt 'wait'; still waiting "
+                     r"\(Ctrl-C stops the run\)", err), err
