@@ -4,6 +4,7 @@ and the picture that sum the cells up.
 
     python -m lab.regimes run off x1    # one cell, in out/regimes/off_x1/
     python -m lab.regimes report        # out/regimes/table.md and gold_vs_flops.png, cells run so far
+    python -m lab.regimes task DIR      # the second gold task (sorting digits) as --dataset jsonl files
 
 A regime's cells share its SFT model, RM and resampled pairs (they do not depend on the budget):
 the first cell run makes them, the others copy them in.
@@ -83,11 +84,85 @@ def report():
     print(f"{ROOT / 'table.md'}, {ROOT / 'gold_vs_flops.png'}")
 
 
+# A second gold task, of another kind than the demo's: sort a few digits. Its gold reward is not a
+# sum of per-word values but an interaction: how much of the answer is in order times how much of the
+# prompt it keeps, so that a response earns the order bonus only with the right digits.
+SORT_GOLD = """import re
+from collections import Counter
+
+
+def gold(prompt, response):
+    m = re.fullmatch(r"sort: ([0-9 ]+) ->", prompt)
+    asked = [int(x) for x in m[1].split()] if m else []
+    words = response.split()
+    digits = [int(w) for w in words if len(w) == 1 and w.isdigit()]
+    ordered = sum(a <= b for a, b in zip(digits, digits[1:])) / max(1, len(digits) - 1)
+    kept = sum((Counter(digits) & Counter(asked)).values()) / max(1, len(asked))
+    return 3 * ordered * kept + 2 * kept - abs(len(digits) - len(asked)) - (len(words) - len(digits))
+"""
+
+
+def sort_task(folder: Path, pairs: int = 20000, prompts: int = 500, held_out: int = 150,
+              seed: int = 0, shifted: bool = False):
+    """The sorting task as --dataset jsonl files (train / test pairs, SFT rows) and gold.py in
+    `folder`: prompts "sort: 7 3 9 ->" over 3 to 6 digits; responses are the sorted digits after a
+    few adjacent swaps, sometimes a digit dropped or added; labels follow Bradley-Terry on the gold
+    gap at temperature 0.5. `shifted`: the pairs' responses from another mix (more swaps and slips)
+    than the SFT rows' (off-policy pairs)."""
+    import math
+    import random
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gold.py").write_text(SORT_GOLD)
+    namespace = {}
+    exec(SORT_GOLD, namespace)  # our own text, written just above: the labels follow it
+    gold = namespace["gold"]
+    space = set()
+    while len(space) < prompts + held_out:
+        space.add(tuple(rng.randrange(10) for _ in range(rng.randint(3, 6))))
+    space = sorted(space)
+    rng.shuffle(space)
+    split = {"train": space[held_out:], "test": space[:held_out]}
+
+    def response(digits, other):
+        out = sorted(digits)
+        for _ in range(rng.choice((1, 2, 3, 4, 5) if other else (0, 1, 1, 2, 3))):
+            i = rng.randrange(len(out) - 1)
+            out[i], out[i + 1] = out[i + 1], out[i]
+        if rng.random() < (0.4 if other else 0.15):
+            del out[rng.randrange(len(out))]
+        if rng.random() < (0.4 if other else 0.15):
+            out.insert(rng.randrange(len(out) + 1), rng.randrange(10))
+        return " " + " ".join(map(str, out))
+
+    def prompt_of(digits):
+        return f"sort: {' '.join(map(str, digits))} ->"
+
+    for part, n, sft in (("train", pairs, 3000), ("test", 1000, 500)):
+        with open(folder / f"sft_{part}.jsonl", "w") as f:
+            for digits in rng.choices(split[part], k=sft):
+                f.write(json.dumps({"prompt": prompt_of(digits),
+                                    "completion": response(digits, False)}) + "\n")
+        with open(folder / f"{part}.jsonl", "w") as pair_file:
+            for _ in range(n):
+                digits = rng.choice(split[part])
+                prompt = prompt_of(digits)
+                a, b = response(digits, shifted), response(digits, shifted)
+                if a == b:
+                    continue
+                p_a = 0.5 + 0.5 * math.tanh((gold(prompt, a) - gold(prompt, b)) / (2 * 0.5))
+                chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+                pair_file.write(json.dumps({"prompt": prompt, "chosen": chosen,
+                                            "rejected": rejected}) + "\n")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["run"] and len(sys.argv) in (4, 5):
         run_cell(*sys.argv[2:])
     elif sys.argv[1:] == ["report"]:
         report()
+    elif sys.argv[1:2] == ["task"] and len(sys.argv) in (3, 4):
+        sort_task(Path(sys.argv[2]), shifted=sys.argv[3:] == ["shifted"])
     else:
-        sys.exit("usage: python -m lab.regimes run REGIME BUDGET [ppp4] | report; regimes: "
-                 f"{', '.join(REGIMES)}; budgets: {', '.join(BUDGETS)}")
+        sys.exit("usage: python -m lab.regimes run REGIME BUDGET [ppp4] | report | task DIR "
+                 f"[shifted]; regimes: {', '.join(REGIMES)}; budgets: {', '.join(BUDGETS)}")

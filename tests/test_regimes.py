@@ -48,3 +48,17 @@ def test_several_pairs_per_prompt_are_all_made_and_split_by_their_mean_gap():
     assert len(easy_pairs) == 3 and hard_prompts == [prompts[1]]
     one = mpo.split_indices(gaps, replace(split, pairs_per_prompt=1))  # one draw: pair by pair
     assert one[0].tolist() == [0, 5]
+
+
+def test_the_second_gold_task_loads_as_a_users_task_and_its_labels_follow_its_gold(tmp_path):
+    from lab.readers import load_gold_reward, read_jsonl_task
+    from lab.regimes import sort_task
+    sort_task(tmp_path / "sort", pairs=400, prompts=40, held_out=10)
+    sft_train, sft_test, train, test = read_jsonl_task(tmp_path / "sort")
+    assert len(sft_train) == 3000 and len({p for p, *_ in test}) == 10
+    assert not {p for p, *_ in train} & {p for p, *_ in test}  # held-out prompts never train
+    gold = load_gold_reward(f"{tmp_path / 'sort' / 'gold.py'}:gold", ("", ""))
+    assert gold("sort: 7 3 9 ->", " 3 7 9") == 5.0  # sorted, every digit kept: the best
+    assert gold("sort: 7 3 9 ->", " 7 3 9") == 3.5 and gold("sort: 7 3 9 ->", " 3 7 9 9") == 4.0
+    agree = [gold(p, c) > gold(p, r) for p, c, r in train if gold(p, c) != gold(p, r)]
+    assert 0.65 < sum(agree) / len(agree) < 0.95  # noisy labels, mostly right
