@@ -13,12 +13,12 @@ the banned word; a bonus of 1 rewards a first and last word that differ but star
 letter -- an interaction of two positions that a reward model must discover from noisy pairs alone.
 SFT responses are drawn from a broad mixture (topic words, neutral and other topics' words, some
 clashing words, occasional repeats and wrong lengths): gold -0.2 on average with std 1.7, while the
-best response to a prompt scores 3.25 to 6 (4.8 on average). The preference pairs come from the same
-mixture, or with --demo.pairs_source other from another one (off-policy pairs). Preference labels follow
-Bradley-Terry, P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so small-gap pairs are
-noisy like human labels. Evaluation prompts are held out: they never appear in the training data.
-The demo's tokenizer (data.get_tokenizer("demo")) makes every word of DEMO_VOCAB one token, so the
-policy cannot misspell and a reader reads words.
+best response to a prompt scores 3.25 to 6 (4.8 on average). The preference pairs come from the
+same mixture, or with --demo.pairs_source other from another one (off-policy pairs). Preference
+labels follow Bradley-Terry, P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so
+small-gap pairs are noisy like human labels. Evaluation prompts are held out: they never appear in
+the training data. The demo's tokenizer (data.get_tokenizer("demo")) makes every word of DEMO_VOCAB
+one token, so the policy cannot misspell and a reader reads words.
 """
 import math
 import random
@@ -84,8 +84,8 @@ class DemoConfig:
     pairs_eval: int = 1000          # held-out pairs: the RM accuracy table (+-1.5 % at 1000)
     prompts_eval: int = 150         # held-out prompts; sft_eval and pairs_eval use only these
     noise_temperature: float = 1.0  # P(a > b) = sigmoid(gold gap / T); 0 gives noiseless labels
-    pairs_source: str = "sft"       # the pairs' responses: "sft", the SFT data's generator; "other":
-                                    # another one (off-policy pairs: a distribution shift)
+    pairs_source: str = "sft"       # the pairs' responses: "sft", the SFT data's generator;
+                                    # "other": another one (off-policy pairs, a distribution shift)
 
 
 # The response generators: the weights of the length's offsets -2 .. +2 from the asked count, of the

@@ -168,9 +168,8 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     r(rejected). "resample" (author's code): two SFT samples per training row with
     split.pairs_per_row (author; TL;DR repeats posts), else per distinct prompt (pairs_per_prompt
     pairs each, one after another), at temperature 1, top-k 50, top-p 0.9, the higher-scored one
-    chosen, so every gap is >= 0. "human": the dataset's
-    own pairs; a negative gap means the RM disagrees with the label, and |gap| decides the side all
-    the same."""
+    chosen, so every gap is >= 0. "human": the dataset's own pairs; a negative gap means the RM
+    disagrees with the label, and |gap| decides the side all the same."""
     device = pick_device(run.device)
     seq = run.max_prompt_len + run.max_response_len
     batch_size = split.batch_size or sampling_batch(sft_model.config, seq, device)
@@ -297,8 +296,9 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
     the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one, and each prompt's mean (gold, else RM score). With data.subsets (one name per prompt), the RM score and win
-    rate also per subset under "subsets". Returns (results, samples) keyed by model name."""
+    reward when the task has one, and each prompt's mean (gold, else RM score). With data.subsets
+    (one name per prompt), the RM score and win rate also per subset under "subsets". Returns
+    (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
     prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation

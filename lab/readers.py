@@ -256,7 +256,8 @@ def load_gold_reward(spec: str, sample: tuple[str, str],
             time.sleep(patience)
             start, prompt = running.get("start"), running.get("prompt", "")
             if start is not None and time.time() - start >= patience:
-                print(f"--gold_reward {spec}: no answer after {time.time() - start:.0f} s on prompt "
+                waited = time.time() - start
+                print(f"--gold_reward {spec}: no answer after {waited:.0f} s on prompt "
                       f"{prompt[:60]!r}; still waiting (Ctrl-C stops the run)", file=sys.stderr,
                       flush=True)
 

@@ -3,8 +3,8 @@ answer): each cell a 10-seed study of every method and arm on one SFT model and 
 and the picture that sum the cells up.
 
     python -m lab.regimes run off x1    # one cell, in out/regimes/off_x1/
-    python -m lab.regimes report        # out/regimes/table.md and gold_vs_flops.png, cells run so far
-    python -m lab.regimes task DIR      # the second gold task (sorting digits) as --dataset jsonl files
+    python -m lab.regimes report        # out/regimes/table.md, gold_vs_flops.png: the cells so far
+    python -m lab.regimes task DIR      # the second gold task (sorting digits): --dataset jsonl
 
 A regime's cells share its SFT model, RM and resampled pairs (they do not depend on the budget):
 the first cell run makes them, the others copy them in.
@@ -52,8 +52,8 @@ def cell_text(claim: dict) -> str:
 
 
 def report():
-    """ROOT/table.md: the claims (rows) in every cell run (columns); ROOT/gold_vs_flops.png: held-out
-    gold against each method's FLOPs, a point per budget, one panel per regime."""
+    """ROOT/table.md: the claims (rows) in every cell run (columns); ROOT/gold_vs_flops.png:
+    held-out gold against each method's FLOPs, a point per budget, one panel per regime."""
     cells = {p.parent.name: json.loads(p.read_text()) for p in sorted(ROOT.glob("*/results.json"))}
     if not cells:
         sys.exit(f"no cell has finished under {ROOT}")
@@ -85,8 +85,8 @@ def report():
 
 
 # A second gold task, of another kind than the demo's: sort a few digits. Its gold reward is not a
-# sum of per-word values but an interaction: how much of the answer is in order times how much of the
-# prompt it keeps, so that a response earns the order bonus only with the right digits.
+# sum of per-word values but an interaction: how much of the answer is in order times how much of
+# the prompt it keeps, so that a response earns the order bonus only with the right digits.
 SORT_GOLD = """import re
 from collections import Counter
 
@@ -98,7 +98,8 @@ def gold(prompt, response):
     digits = [int(w) for w in words if len(w) == 1 and w.isdigit()]
     ordered = sum(a <= b for a, b in zip(digits, digits[1:])) / max(1, len(digits) - 1)
     kept = sum((Counter(digits) & Counter(asked)).values()) / max(1, len(asked))
-    return 3 * ordered * kept + 2 * kept - abs(len(digits) - len(asked)) - (len(words) - len(digits))
+    slips = abs(len(digits) - len(asked)) + len(words) - len(digits)  # wrong count, non-digits
+    return 3 * ordered * kept + 2 * kept - slips
 """
 
 

@@ -339,8 +339,9 @@ def check_reused(folder: Path, cfgs: dict):
         changed = [k for k in dict.fromkeys([*rec[name], *made]) if k not in ignored
                    and made.get(k, ...) != rec[name].get(k, ...)]
         if changed:
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
             raise ValueError(f"--reuse {folder}: its {name} was made with other flags "
-                             f"(--{changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''})")
+                             f"(--{changed[0]}{more})")
 
 
 def check_checkpoints(paths, base):
@@ -363,8 +364,8 @@ def open_run_folder(out: Path, cfgs: dict, base) -> dict:
     would load, clear what killed runs left and (--redo) the stale stages, and write config.json
     in a new folder: only once all of that holds does anything under out change (rank 0 changes it;
     every rank learns how that went). A rerun's flags replace config.json only once it has finished
-    (write_config): one that fails leaves the finished run's. Returns the plan: {folder or cache: its
-    settings}."""
+    (write_config): one that fails leaves the finished run's. Returns the plan: {folder or cache:
+    its settings}."""
     planned, problem = plan(out, cfgs), None
     if is_main():
         try:

@@ -44,10 +44,12 @@ def matched_budget(cfgs, steps: int, easy=True, hard=True) -> dict:
 def dpo_flops(cfg, pairs, pi: float) -> tuple[float, float]:
     """(the reference's FLOPs, those of a step) of DPO on `pairs`: the reference's forward over all
     of them once (precompute_ref; else a forward more a step), a step's forward and backward over
-    batch_size x grad_accum pairs of their mean length (`pi`: the policy's forward FLOPs a token)."""
+    batch_size x grad_accum pairs of their mean length (`pi`: the policy's forward FLOPs a
+    token)."""
     tokens = [2 * len(p) + len(c) + len(r) for p, c, r, *_ in pairs]
     per_pair = (3 if cfg.precompute_ref else 4) * pi * sum(tokens) / len(tokens)
-    return (pi * sum(tokens) if cfg.precompute_ref else 0), per_pair * cfg.batch_size * cfg.grad_accum
+    ref = pi * sum(tokens) if cfg.precompute_ref else 0
+    return ref, per_pair * cfg.batch_size * cfg.grad_accum
 
 
 def compute_budget(cfgs, target: float, flops: dict, dpo_data, ppo_data, spent: float,
