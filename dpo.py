@@ -122,7 +122,8 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo
 
     metrics = train(policy, loss_fn, pairs, eval_pairs, cfg, out_dir, stage, collate,
                     key_metric="rewards/accuracies")
-    # the stage's compute: tokens through the frozen reference, once or every step
+    # the stage's compute: tokens through the frozen reference, once or every step (a pair's
+    # prompt twice, its two responses; with_ref_logps appended the reference's log-probs: *_)
     once = sum(2 * len(p) + len(c) + len(r) for p, c, r, *_ in pairs)
     metrics["compute/ref_tokens"] = once if cfg.precompute_ref else metrics["compute/tokens"]
     return policy, metrics

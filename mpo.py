@@ -81,7 +81,8 @@ class RMConfig(TrainConfig):
     n_head: int = 0
     n_embd: int = 0
     normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std
-                               # 1 (N+ detail 11), on 500 training rows: held-out data stay unseen
+                               # 1 (N+ detail 11), on the first 500 SFT training rows (shuffled
+                               # by --data_seed): held-out data stay unseen
 
 
 def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
@@ -179,15 +180,15 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id):
     if split.source != "resample":
         raise ValueError(f"--split.source must be 'resample' or 'human', got {split.source!r}")
     prompts = [row[0] for row in pairs] if split.pairs_per_row else distinct_prompts(pairs)
-    twice = [list(p) for p in prompts for _ in range(2 * split.pairs_per_prompt)]
-    responses = sample_responses(sft_model, twice, eos_id, run, batch_size, 1.0, 50, 0.9,
+    draws = [list(p) for p in prompts for _ in range(2 * split.pairs_per_prompt)]  # each pair: 2
+    responses = sample_responses(sft_model, draws, eos_id, run, batch_size, 1.0, 50, 0.9,
                                  "resample: SFT samples")
-    scores = torch.cat(batch_scores(rm, list(zip(twice, responses)), collate_sft, batch_size,
+    scores = torch.cat(batch_scores(rm, list(zip(draws, responses)), collate_sft, batch_size,
                                     device, run.dtype, "resample: RM scores"))
     rows, gaps = [], []
-    for i in range(0, len(twice), 2):
+    for i in range(0, len(draws), 2):
         first = bool(scores[i] >= scores[i + 1])
-        rows.append((twice[i], responses[i if first else i + 1], responses[i + 1 if first else i]))
+        rows.append((draws[i], responses[i if first else i + 1], responses[i + 1 if first else i]))
         gaps.append(float((scores[i] - scores[i + 1]).abs()))
     return rows, torch.tensor(gaps)
 
@@ -224,22 +225,29 @@ def split_by_reward_gap(gaps, delta):
     return (size >= delta).nonzero().flatten(), (size < delta).nonzero().flatten()
 
 
+def prompt_gaps(gaps, split: SplitConfig):
+    """|gap| of each pair; with split.pairs_per_prompt resampled pairs per prompt, the mean |gap| of
+    its prompt's pairs (a prompt's difficulty measured, not drawn once)."""
+    k = split.pairs_per_prompt if split.source == "resample" else 1
+    return torch.as_tensor(gaps, dtype=torch.float).abs().view(-1, k).mean(1).repeat_interleave(k)
+
+
 def gap_threshold(gaps, split: SplitConfig) -> float:
     """delta, or the split.quantile of |gap| (an RM of unknown scale)."""
-    return float(torch.quantile(gaps.abs(), split.quantile)) if split.quantile > 0 else split.delta
+    if split.quantile > 0:
+        return float(torch.quantile(prompt_gaps(gaps, split), split.quantile))
+    return split.delta
 
 
 def split_indices(gaps, split: SplitConfig) -> tuple:
-    """(easy_index, hard_index) at the split's threshold (with several resampled pairs per prompt,
-    a prompt's pairs go to the side of their mean |gap|), or for the ablations: as many easy pairs
-    at random (select "random"), the two sides swapped (order "hard_first")."""
-    size = torch.as_tensor(gaps, dtype=torch.float).abs()
-    k = split.pairs_per_prompt if split.source == "resample" else 1
-    if k > 1:  # a prompt's difficulty: the mean |gap| of its k pairs
-        size = size.view(-1, k).mean(1).repeat_interleave(k)
-    easy, hard = split_by_reward_gap(size, gap_threshold(gaps, split))
+    """(easy_index, hard_index) at the split's threshold, or for the ablations: as many easy pairs
+    at random (select "random"; a prompt's pairs stay together), the two sides swapped (order
+    "hard_first")."""
+    easy, hard = split_by_reward_gap(prompt_gaps(gaps, split), gap_threshold(gaps, split))
     if split.select == "random":
-        order = torch.randperm(len(gaps), generator=torch.Generator().manual_seed(split.seed))
+        k = split.pairs_per_prompt if split.source == "resample" else 1
+        groups = torch.randperm(len(gaps) // k, generator=torch.Generator().manual_seed(split.seed))
+        order = (groups[:, None] * k + torch.arange(k)).flatten()  # each prompt's k pairs
         easy, hard = order[:len(easy)].sort().values, order[len(easy):].sort().values
     return (hard, easy) if split.order == "hard_first" else (easy, hard)
 
@@ -296,7 +304,8 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
     the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one, and each prompt's mean (gold, else RM score). With data.subsets
+    reward when the task has one, and each prompt's mean (gold, else RM score) with the variance of
+    that mean over its samples. With data.subsets
     (one name per prompt), the RM score and win rate also per subset under "subsets". Returns
     (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
@@ -316,16 +325,19 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
                                               run.dtype, f"evaluate {name}: RM"))
         kl = logps(model, rows) - logps(models["sft"], rows)
         texts = [decode_text(tok, r) for r in responses]
-        per_prompt = scores[name].view(-1, cfg.samples).mean(1)
-        results[name] = {}
-        if data.gold_reward:  # standard error over prompts: a prompt's samples are not independent
-            gold = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
-            per_prompt = gold.view(-1, cfg.samples).mean(1)
-            results[name] = {"gold": float(gold.mean()),
-                             "gold_se": float(per_prompt.std() / len(per_prompt) ** 0.5)}
+        values, results[name] = scores[name], {}  # each sample's metric: gold, else the RM score
+        if data.gold_reward:
+            values = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
+            results[name] = {"gold": float(values.mean())}
+        per_prompt = values.view(-1, cfg.samples)  # a prompt's samples are not independent:
+        if data.gold_reward:                       # the standard error is over prompts
+            results[name]["gold_se"] = float(per_prompt.mean(1).std() / len(per_prompt) ** 0.5)
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses),
-                          "per_prompt": per_prompt.tolist()}  # gold, else RM: the noise split
+                          # each prompt's mean, and its variance over the samples (the noise split)
+                          "per_prompt": {"mean": per_prompt.mean(1).tolist(),
+                                         "var": (per_prompt.var(1) / cfg.samples).tolist()
+                                         if cfg.samples > 1 else None}}
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
     for name, r in results.items():  # the paper's win / tie / lose by RM score
         diff = scores[name] - scores["sft"]

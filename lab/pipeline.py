@@ -207,11 +207,15 @@ class Run(Stages):
         self.steps = 0  # dpo_all's optimizer steps: the matched budget
         self.gaps, self.split_stats, self.variants, self.models = None, None, {}, {}
         self.reused = Stages(Path(run.reuse), {}) if run.reuse else None
-        shared = self.reused.out if self.reused else Path()  # SFT and the RM: a model's common cost
+        # the stage folders of each model, under out (compute): SFT and the RM in --reuse's folder
+        shared = self.reused.out.resolve() if self.reused else Path()
         self.folders = {"sft": [str(shared / "sft")], "rm": [str(shared / "rm")],
                         "dpo_all": ["dpo_all"], "dpo_human": ["dpo_human"],
                         "ppo_all": ["ppo_all"], "mpo_dpo": ["mpo_dpo"], "mpo": ["mpo_dpo", "mpo"]}
-        self.resampled = None  # the resampled pairs' samples, tokens and FLOPs (compute)
+        # the resampling each split's pairs cost (samples, tokens, FLOPs), by pairs cache name, and
+        # the split each model is made from (none: ppo_all and dpo_human, which need no resampling)
+        self.resampling, self.made_from = {}, dict.fromkeys(("dpo_all", "mpo_dpo", "mpo"),
+                                                             cfgs["split"])
         self.target = self.response_len = 0.0  # --budget compute: dpo_all's FLOPs; SFT's lengths
 
     def stage(self, name: str, fn, *args, **kwargs):
@@ -237,24 +241,29 @@ class Run(Stages):
         else:
             rows, gaps = make(*args)
             save_pairs(cache, rows, gaps, records(self.cfgs, split)["pairs"])
-        if split.source == "resample" and split == self.cfgs["split"]:
+        if split.source == "resample":
             tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in rows)  # decoded, then scored
-            self.resampled = {"samples": 2 * len(rows), "tokens": tokens,
-                              "flops": (self.flops["policy"] + self.flops["rm"]) * tokens}
+            flops = (self.flops["policy"] + self.flops["rm"]) * tokens
+            self.resampling[cache.name] = {"samples": 2 * len(rows), "tokens": tokens,
+                                           "flops": flops}
         return rows, gaps
 
-    def budget(self, dpo_data, ppo_data, resampled=True) -> dict:
-        """The configs of a method with DPO and PPO on these data (`resampled`: made from the
-        resampled pairs): as given under --budget data, cut to dpo_all's optimizer steps under
-        --budget matched (lab.study.matched_budget), to dpo_all's FLOPs, its resampling included,
-        under --budget compute (lab.study.compute_budget)."""
+    def resampled(self, split) -> dict | None:
+        """What making the pairs of `split` cost (None: no resampling, or no split)."""
+        return split and self.resampling.get(pairs_cache(self.out, split).name)
+
+    def budget(self, dpo_data, ppo_data, split="mpo") -> dict:
+        """The configs of a method with DPO and PPO on these data, made from the pairs of `split`
+        ("mpo": --split's; None: no resampled pairs): as given under --budget data, cut to
+        dpo_all's optimizer steps under --budget matched (lab.study.matched_budget), to dpo_all's
+        FLOPs, its resampling included, under --budget compute (lab.study.compute_budget)."""
         budget = self.cfgs["run"].budget
         if budget == "matched":
             return matched_budget(self.cfgs, self.steps, bool(dpo_data), bool(ppo_data))
         if budget == "compute":
-            spent = self.resampled["flops"] if resampled and self.resampled else 0
-            return compute_budget(self.cfgs, self.target, self.flops, dpo_data, ppo_data, spent,
-                                  self.response_len)
+            spent = self.resampled(self.cfgs["split"] if split == "mpo" else split) or {}
+            return compute_budget(self.cfgs, self.target, self.flops, dpo_data, ppo_data,
+                                  spent.get("flops", 0), self.response_len)
         return self.cfgs
 
     def wants(self, method: str) -> bool:
@@ -280,11 +289,12 @@ class Run(Stages):
         self.steps = optimizer_steps(cfgs["dpo"], len(rows))
         self.response_len = sum(len(c) + len(r) for _, c, r in rows) / (2 * len(rows))
         ref, per_step = dpo_flops(cfgs["dpo"], rows, self.flops["policy"])
-        self.target = (self.resampled or {}).get("flops", 0) + ref + self.steps * per_step
+        resampling = (self.resampled(cfgs["split"]) or {}).get("flops", 0)
+        self.target = resampling + ref + self.steps * per_step
         models = {}
         for name, pairs in (("dpo_all", rows), ("dpo_human", data.pairs_train[:len(rows)])):
             if self.wants(name):
-                cfg = self.budget(pairs, [], resampled=name == "dpo_all")["dpo"]
+                cfg = self.budget(pairs, [], "mpo" if name == "dpo_all" else None)["dpo"]
                 models[name] = self.stage(name, dpo, trainable_copy(sft_model), sft_model, pairs,
                                           cfg, stage=name)
         if self.wants("ppo_all"):
@@ -292,7 +302,7 @@ class Run(Stages):
             prompts = distinct_prompts(rows)
             models["ppo_all"] = self.stage(
                 "ppo_all", ppo, models_all, prompts, data.tok,
-                self.budget([], prompts, resampled=False)["ppo"], eval_prompts=data.prompts_eval,
+                self.budget([], prompts, None)["ppo"], eval_prompts=data.prompts_eval,
                 gold_reward=data.gold_reward, stage="ppo_all")
         if "mpo_dpo" in self.methods and easy:
             models["mpo_dpo"] = self.stage("mpo_dpo", dpo, trainable_copy(sft_model), sft_model,
@@ -314,7 +324,8 @@ class Run(Stages):
             rows, gaps = self.pairs(v, make_pairs, sft_model, rm, data.pairs_train, v, run,
                                     data.tok.eot_token)
             v_easy, v_hard, self.variants[name] = split_pairs(rows, gaps, v, folder, data.tok)
-            v_cfgs = {**self.budget(v_easy, v_hard), "split": v}
+            self.made_from[name] = v
+            v_cfgs = {**self.budget(v_easy, v_hard, v), "split": v}
             same = {}  # MPO's DPO model, where this variant's DPO stage would be the same one
             if ("mpo_dpo" in self.models and v_easy == self.easy
                     and v_cfgs["dpo"] == self.budget(self.easy, self.hard)["dpo"]
@@ -355,15 +366,15 @@ def run_pipeline(cfgs: dict) -> Path:
     rm_metrics = stages.metrics["rm"]
     report = write_report(out, cfgs, results, samples, stages.gaps, stages.split_stats,
                           stages.variants, rm_metrics, made, data.gold_best)
-    on_pairs = {"dpo_all", "mpo_dpo", "mpo", *stages.variants}  # made from the resampled pairs
     record = {"seed": run.seed, "gap_buckets": rm_metrics.get("eval/accuracy_by_gap_quartile", {}),
               "methods": {name: {**{k: r[k] for k in METRICS if k in r},
                                  "compute": compute(out, stages.folders[name], flops,
-                                                    stages.resampled if name in on_pairs else None)}
+                                                    stages.resampled(stages.made_from.get(name)))}
                           for name, r in results.items()},
               "common_compute": {name: compute(out, stages.folders[name], flops)
                                  for name in ("sft", "rm")},
-              "per_prompt": {name: [round(v, 5) for v in r["per_prompt"]]
+              "per_prompt": {name: {k: v and [round(x, 6) for x in v]
+                                    for k, v in r["per_prompt"].items()}
                              for name, r in results.items()}}
     if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
         record["gold_checks"] = {**rm_metrics["gold"],

@@ -249,27 +249,27 @@ def load_gold_reward(spec: str, sample: tuple[str, str],
         raise ValueError(f"--gold_reward {spec}: cannot import "
                          f"({type(e).__name__}: {_one_line(e)})") from None
 
-    running = {}  # the call under way: its start and prompt, for the watch below
+    running = [None]  # the call under way: (its start, its prompt, when it was last reported)
 
-    def watch():
+    def watch():  # looks ten times a patience: a call is reported patience seconds after its start
         while True:
-            time.sleep(patience)
-            start, prompt = running.get("start"), running.get("prompt", "")
-            if start is not None and time.time() - start >= patience:
-                waited = time.time() - start
-                print(f"--gold_reward {spec}: no answer after {waited:.0f} s on prompt "
-                      f"{prompt[:60]!r}; still waiting (Ctrl-C stops the run)", file=sys.stderr,
+            time.sleep(patience / 10)
+            call, now = running[0], time.time()
+            if call and now - call[2] >= patience:
+                running[0] = (call[0], call[1], now)
+                print(f"--gold_reward {spec}: no answer after {now - call[0]:.0f} s on prompt "
+                      f"{call[1][:60]!r}; still waiting (Ctrl-C stops the run)", file=sys.stderr,
                       flush=True)
 
     def gold(prompt: str, response: str) -> float:
-        running.update(start=time.time(), prompt=prompt)
+        running[0] = (time.time(), prompt, time.time())
         try:
             value = float(fn(prompt, response))
         except (Exception, SystemExit) as e:  # sys.exit() in it too; Ctrl-C stays an interrupt
             raise ValueError(f"--gold_reward {spec}: raised {type(e).__name__}: {_one_line(e)} "
                              f"on prompt {prompt[:60]!r}") from None
         finally:
-            running["start"] = None
+            running[0] = None
         if not math.isfinite(value):
             raise ValueError(f"--gold_reward {spec}: returned {value} on prompt {prompt[:60]!r}")
         return value

@@ -115,20 +115,23 @@ def seeds_needed(diff: dict, margin: float | None = None, most: int = 10000) -> 
     return None
 
 
-def noise(diff: dict, evaluation: list, margin: float | None) -> dict:
-    """Where a claim's spread over seeds comes from: the evaluation's share (per seed, the variance
-    of the mean of its per-prompt differences, prompts x samples), the rest training (seeds:
-    initialisation, data order, sampling while training); which of the two to buy more of (more
-    --eval.samples or --eval.prompts shrink only the first), and the seeds a decisive verdict
-    would need at this spread."""
-    per_seed = [sd(d) ** 2 / len(d) for d in evaluation]
-    total = sd(diff["per_seed"]) ** 2 if len(diff["per_seed"]) > 1 else None
-    out = {"evaluation_sd": (sum(per_seed) / len(per_seed)) ** 0.5}
-    if total is not None:
-        training = max(0.0, total - out["evaluation_sd"] ** 2)
-        out |= {"total_sd": total ** 0.5, "training_sd": training ** 0.5,
-                "buy": "samples" if out["evaluation_sd"] ** 2 > training else "seeds",
-                "seeds_needed": seeds_needed(diff, margin)}
+def noise(diff: dict, evaluation: list | None, margin: float | None) -> dict:
+    """Where a claim's spread over seeds comes from. `evaluation`: per seed, the variance its
+    evaluation's sampling adds to the difference, the prompts held fixed: sum over prompts of the
+    two models' variances of a prompt's mean over its --eval.samples, over prompts^2 (the draws
+    taken as independent; None with one sample a prompt). The rest of the variance is training's
+    (initialisation, data order, sampling while training). `buy`: more --eval.samples shrink only
+    the first, more seeds both; and the seeds a decisive verdict would need at this spread."""
+    out = {}
+    if evaluation:
+        out["evaluation_sd"] = (sum(evaluation) / len(evaluation)) ** 0.5
+    if len(diff["per_seed"]) > 1:
+        total = sd(diff["per_seed"]) ** 2
+        out |= {"total_sd": total ** 0.5, "seeds_needed": seeds_needed(diff, margin)}
+        if evaluation:
+            training = max(0.0, total - out["evaluation_sd"] ** 2)
+            out |= {"training_sd": training ** 0.5,
+                    "buy": "samples" if out["evaluation_sd"] ** 2 > training else "seeds"}
     return out
 
 
@@ -141,7 +144,8 @@ def paired(a, b) -> dict:
 def study(records: list, equivalence: float = 0.0) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
     {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "per_prompt": {name:
-    [each held-out prompt's mean metric]}, "samples": {name: [(prompt, response)]}, and on tasks
+    {"mean", "var"}: each held-out prompt's mean metric and its variance}, "samples": {name:
+    [(prompt, response)]}, and on tasks
     with gold "gold_checks" (lab.rm.gold_checks' dict and "easy_share") and "gold_best"}: the gold
     checks and per-prompt values are listed per seed, the samples kept from the first seed.
     Claims compare gold where the task has it, else the RM score, and are "equivalent" within a
@@ -178,8 +182,9 @@ def study(records: list, equivalence: float = 0.0) -> dict:
         out["claims"][claim] = {"diff": diff, "verdict": verdict(diff, margin),
                                 "metric": f"{key}, {a} - {b}"}
         if all("per_prompt" in r for r in records):
-            evaluation = [[x - y for x, y in zip(r["per_prompt"][a], r["per_prompt"][b])]
-                          for r in records]
+            variances = [(r["per_prompt"][a]["var"], r["per_prompt"][b]["var"]) for r in records]
+            evaluation = None if any(v is None for pair in variances for v in pair) else [
+                sum(x + y for x, y in zip(va, vb)) / len(va) ** 2 for va, vb in variances]
             out["claims"][claim]["noise"] = noise(diff, evaluation, margin)
     for extra in ("gold_checks", "per_prompt"):
         if all(extra in r for r in records):
@@ -290,7 +295,7 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     margin = results.get("equivalence_margin")
     equivalent = (f" Otherwise it is **equivalent** when its 90 % interval lies within "
                   f"+-{margin:.3f} ({cfgs['run'].equivalence:g} x the room from SFT to the best "
-                  "gold, `--equivalence`)." if margin else "")
+                  "gold: the share fixed before the run, `--equivalence`)." if margin else "")
     lines = [f"# MPO study: {cfgs['run'].dataset}, {n} seeds ({seeds})", "",
              f"{made} (initialisation, data order, sampling), on the same task data; each is "
              "evaluated like a single run. A claim is the paired per-seed difference with its "
@@ -298,9 +303,10 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
              f"**fails** below 0.{equivalent} Else it is inconclusive. Claim (a): the reward "
              "model's accuracy on held-out pairs in the top quartile of |gap| minus that in the "
              "bottom quartile. Noise: the spread of the per-seed differences (sd) split into the "
-             "evaluation's (prompts x samples) and the rest (training); `buy` says which more of "
-             "would narrow the interval most (more `--eval.samples`, or more seeds), `seeds "
-             "needed` at which count this spread would give a decisive verdict.", "",
+             "evaluation's sampling (the responses drawn for each prompt; every seed has the same "
+             "prompts) and the rest (training); `buy` says which more of would narrow the interval "
+             "most (more `--eval.samples`, or more seeds), `seeds needed` at which count this "
+             "spread would give a decisive verdict.", "",
              "| claim | difference | mean | 95 % CI | per seed | verdict | seeds | sd: total / "
              "evaluation / training | buy | seeds needed |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -162,15 +162,27 @@ def records(cfgs, split) -> dict:
                 for k in ("source", "batch_size", "pairs_per_row", "pairs_per_prompt")})
     budget = {"budget": run.budget}
     dpo_cfg, ppo_cfg = flags_of(cfgs["dpo"], "dpo") | budget, flags_of(cfgs["ppo"], "ppo") | budget
+    if run.budget == "compute":  # every budget is dpo_all's FLOPs: its data, flags and RM decide
+        dpo_cfg["dpo.precompute_ref"] = cfgs["dpo"].precompute_ref  # 3 or 4 forwards a token
+        ppo_cfg |= dpo_cfg
     mpo_dpo = (pairs | {f"split.{k}": getattr(split, k)
                         for k in ("delta", "quantile", "order", "select", "seed")} | dpo_cfg)
     mpo = mpo_dpo | {f"split.{k}": getattr(split, k) for k in ("stage2_ref", "ppo_prompts")}
     # dpo_human: as many of the human pairs as there are pairs to split
     human = sft | {f"split.{k}": getattr(split, k)
                    for k in ("source", "pairs_per_row", "pairs_per_prompt")}
+    if run.budget == "compute":
+        human |= pairs
     return {"sft": sft, "rm": rm, "pairs": pairs, "dpo_all": pairs | dpo_cfg,
             "dpo_human": human | dpo_cfg, "ppo_all": pairs | ppo_cfg,
             "mpo_dpo": mpo_dpo, "mpo": mpo | ppo_cfg}
+
+
+def default_records(cfgs) -> dict:
+    """Every recorded flag at its default: what a record made before that flag existed had (a new
+    flag's default keeps the old behaviour)."""
+    return json.loads(json.dumps({k: v for group, cfg in cfgs.items()
+                                  for k, v in flags_of(type(cfg)(), group).items()}))
 
 
 def variant_folder(out: Path, text: str) -> Path:
@@ -208,10 +220,11 @@ def record_of(path: Path) -> Path:
     return path / "settings.json" if path.suffix != ".pt" else path.with_suffix(".json")
 
 
-def stale_records(out: Path, plan: dict, redo: bool) -> list:
+def stale_records(out: Path, plan: dict, redo: bool, defaults: dict) -> list:
     """The folders and caches of `plan` ({path under out: the settings this run would make it with})
-    that were made with other settings. Without `redo` the first is a one-line ValueError naming the
-    stage and the changed flags. A stage's settings include those of the stages it starts from, so
+    that were made with other settings (`defaults`: default_records, the value of a flag a record
+    lacks). Without `redo` the first is a one-line ValueError naming the stage and the changed
+    flags. A stage's settings include those of the stages it starts from, so
     the stages after a changed one are stale too."""
     stale = []
     for path, settings in plan.items():
@@ -233,8 +246,9 @@ def stale_records(out: Path, plan: dict, redo: bool) -> list:
         else:
             continue
         now = json.loads(json.dumps(settings))
+        # a flag missing from one side has its default there (a record made before it existed)
         changed = [k for k in dict.fromkeys([*now, *(made or {})])
-                   if (made or {}).get(k, ...) != now.get(k, ...)]
+                   if (made or {}).get(k, defaults.get(k, ...)) != now.get(k, defaults.get(k, ...))]
         if made is not None and not changed:
             continue
         if redo:
@@ -245,8 +259,9 @@ def stale_records(out: Path, plan: dict, redo: bool) -> list:
                              f"({record.name}); {fix}")
 
         def shown(values, k=changed[0]):
-            if k not in values:
-                return f"no --{k}"
+            if k not in values:  # a record made before the flag existed: its default
+                return (f"--{k} {_flag_text(defaults[k])} (unrecorded: the default)"
+                        if k in defaults else f"no --{k}")
             return f"--{k.replace('*', ' x --')} {_flag_text(values[k])}"
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise ValueError(f"{name}: made with {shown(made)}, this run has {shown(now)}{more}; {fix}")
@@ -335,9 +350,9 @@ def check_reused(folder: Path, cfgs: dict):
         if not done or not record.exists():
             raise ValueError(f"--reuse {folder}: no finished {name} ({path}); make it with "
                              f"--stop_after split --out {folder}")
-        made = json.loads(regular_file(record).read_text())
-        changed = [k for k in dict.fromkeys([*rec[name], *made]) if k not in ignored
-                   and made.get(k, ...) != rec[name].get(k, ...)]
+        made, now = json.loads(regular_file(record).read_text()), json.loads(json.dumps(rec[name]))
+        changed = [k for k in dict.fromkeys([*now, *made]) if k not in ignored
+                   and made.get(k, ...) != now.get(k, ...)]
         if changed:
             more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
             raise ValueError(f"--reuse {folder}: its {name} was made with other flags "
@@ -370,7 +385,7 @@ def open_run_folder(out: Path, cfgs: dict, base) -> dict:
     if is_main():
         try:
             lock_run_folder(out)
-            stale = stale_records(out, planned, cfgs["run"].redo)
+            stale = stale_records(out, planned, cfgs["run"].redo, default_records(cfgs))
             if cfgs["run"].reuse:
                 check_reused(Path(cfgs["run"].reuse), cfgs)
             check_checkpoints([p for p in planned if p.exists() and p not in stale], base)

@@ -87,8 +87,12 @@ def stage_file(folder: Path, stage: str) -> Path:
 
 def home(folder: Path, run, stage: str) -> Path:
     """The folder that holds the stage: SFT and the RM of a run made with --reuse (a study's seeds
-    under --study shared) are in the reused folder."""
-    return Path(run.reuse) if run.reuse and stage in ("sft", "rm") else folder
+    under --study shared) are in the reused folder, as given from where the run started or, from
+    elsewhere, beside the seed's folder (OUT/shared)."""
+    if not (run.reuse and stage in ("sft", "rm")):
+        return folder
+    reused = Path(run.reuse)
+    return reused if reused.is_absolute() or reused.exists() else folder.parent / reused.name
 
 
 def load_stage(folder: Path, stage: str):

@@ -14,7 +14,7 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer
 from dpo import DPOConfig, dpo
 from lab.estimates import forward_flops
-from lab.results import gap_claim, noise, paired, seeds_needed, t975, t_quantile, verdict
+from lab.results import gap_claim, noise, paired, seeds_needed, study, t975, t_quantile, verdict
 from lab.study import compute, compute_budget, dpo_flops
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
@@ -50,16 +50,23 @@ def test_seeds_needed_at_the_observed_spread():
 
 
 def test_noise_splits_the_spread_into_evaluation_and_training():
-    # Two seeds whose differences are 1 and 3 (sd sqrt 2); per seed, 4 prompts whose differences have sd 2:
-    # the evaluation's variance of a mean is 4 / 4 = 1, so training's is 2 - 1 = 1.
-    d = paired([1.0, 3.0], [0.0, 0.0])
-    evaluation = [[3.0, -1.0, 3.0, -1.0], [5.0, 1.0, 5.0, 1.0]]  # means 1 and 3, sd 2.31
-    out = noise(d, evaluation, None)
-    ev = (2 * (4 * 4 / 3) / 4 / 2) ** 0.5
-    assert out["total_sd"] == pytest.approx(2 ** 0.5) and out["evaluation_sd"] == pytest.approx(ev)
-    assert out["training_sd"] == pytest.approx((2 - ev ** 2) ** 0.5) and out["buy"] == "samples"
-    noisy_training = noise(paired([0.0, 10.0], [0.0, 0.0]), evaluation, None)
-    assert noisy_training["buy"] == "seeds"
+    d = paired([1.0, 3.0], [0.0, 0.0])  # differences 1 and 3: variance 2 over seeds
+    out = noise(d, [1.5, 1.9], None)  # the evaluation's sampling adds 1.7 on average: training the rest
+    assert out["total_sd"] == pytest.approx(2 ** 0.5) and out["evaluation_sd"] == pytest.approx(1.7 ** 0.5)
+    assert out["training_sd"] == pytest.approx(0.3 ** 0.5) and out["buy"] == "samples"
+    assert noise(d, [0.5, 0.7], None)["buy"] == "seeds"  # training's 1.4 is the larger share
+    assert set(noise(d, None, None)) == {"total_sd", "seeds_needed"}  # one sample a prompt: no split
+
+
+def test_the_evaluations_share_comes_from_the_samples_within_each_prompt():
+    from test_study import record
+    records = [record(s, [0.0, 1.0, 2.0, g, 1.0], 0.5, 0.8) for s, g in ((0, 2.0), (1, 4.0))]  # mpo - dpo_all: 1, 3
+    for r in records:  # each prompt's mean and the variance of that mean over its samples, two prompts
+        r["per_prompt"] = {name: {"mean": [0.0, 0.0], "var": [0.1, 0.3] if name == "mpo" else [0.2, 0.2]}
+                           for name in r["methods"]}
+    n = study(records)["claims"]["mpo_beats_dpo_all"]["noise"]
+    assert n["evaluation_sd"] == pytest.approx(((0.1 + 0.2 + 0.3 + 0.2) / 2 ** 2) ** 0.5)  # sum over prompts / P^2
+    assert n["training_sd"] == pytest.approx((2 - 0.2) ** 0.5) and n["buy"] == "seeds"
 
 
 def test_one_shared_rm_gets_an_interval_over_its_pairs():

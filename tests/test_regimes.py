@@ -62,3 +62,14 @@ def test_the_second_gold_task_loads_as_a_users_task_and_its_labels_follow_its_go
     assert gold("sort: 7 3 9 ->", " 7 3 9") == 3.5 and gold("sort: 7 3 9 ->", " 3 7 9 9") == 4.0
     agree = [gold(p, c) > gold(p, r) for p, c, r in train if gold(p, c) != gold(p, r)]
     assert 0.65 < sum(agree) / len(agree) < 0.95  # noisy labels, mostly right
+
+
+def test_a_random_split_keeps_a_prompts_pairs_together_and_a_quantile_is_of_prompts():
+    gaps = torch.tensor([2.0, 0.0, 0.0, 0.4, 0.1, 0.9, 3.0, 3.0, 3.0, 0.0, 0.1, 0.2])  # 4 prompts, 3 pairs each
+    split = mpo.SplitConfig(pairs_per_row=False, pairs_per_prompt=3, delta=0.5, select="random")
+    for seed in range(5):
+        easy, hard = mpo.split_indices(gaps, replace(split, seed=seed))
+        assert len(easy) == 6 and sorted(easy.tolist() + hard.tolist()) == list(range(12))
+        assert {i // 3 for i in easy.tolist()}.isdisjoint({i // 3 for i in hard.tolist()})
+    median = mpo.split_indices(gaps, replace(split, select="gap", quantile=0.5))  # of the prompts' means
+    assert median[0].tolist() == [0, 1, 2, 6, 7, 8]

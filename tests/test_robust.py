@@ -415,6 +415,19 @@ def test_a_rerun_with_other_flags_is_refused_naming_the_stage_and_the_flag(argv,
     assert hashes(out) == before  # config.json and report.md too: they describe the run that made them
 
 
+def test_a_record_made_before_a_flag_existed_means_its_default(whole, tmp_path, capsys):
+    out = shutil.copytree(whole, tmp_path / "out")
+    for record in [out / "sft" / "settings.json", out / "rm" / "settings.json", out / "pairs_resample.json"]:
+        settings = json.loads(record.read_text())
+        del settings["demo.pairs_source"]  # as an mpo.py before --demo.pairs_source recorded it
+        record.write_text(json.dumps(settings))
+    mpo.main(["--out", str(out), *TINY])
+    assert capsys.readouterr().out.count("done in an earlier run") == 2  # sft and rm, loaded
+    message = error_of(["--out", str(out), *TINY, "--demo.pairs_source", "other"], capsys)
+    assert message.startswith("mpo: error: sft: made with --demo.pairs_source sft (unrecorded: the default), this "
+                              "run has --demo.pairs_source other")
+
+
 def test_a_stage_without_a_record_is_refused(whole, tmp_path, capsys):
     out = shutil.copytree(whole, tmp_path / "out")
     (out / "sft" / "settings.json").unlink()  # as made by an mpo.py that recorded nothing
