@@ -71,8 +71,9 @@ def report():
     fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 3.6), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
         mine = {b: cells[cell_name(regime, b)] for b in BUDGETS if cell_name(regime, b) in cells}
-        methods = list(next(iter(mine.values()))["methods"])
-        for i, method in enumerate(methods):
+        first = next(iter(mine.values()))
+        ax.axhline(first["methods"]["sft"]["gold"]["mean"], color="gray", ls="--", label="sft")
+        for i, method in enumerate(m for m in first["methods"] if m != "sft"):
             points = sorted((r["methods"][method]["compute"]["flops"],
                              r["methods"][method]["gold"]["mean"]) for r in mine.values())
             ax.plot(*zip(*points), marker="o", color=f"C{i}", label=method)

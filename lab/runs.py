@@ -342,7 +342,7 @@ def check_reused(folder: Path, cfgs: dict):
     """--reuse: the folder must hold a finished SFT model, RM and the pairs of --split's source,
     made with this run's flags but for the seeds (a study's seeds share them) and --reuse itself."""
     rec, split = records(cfgs, cfgs["split"]), cfgs["split"]
-    ignored = {"seed", "sft.seed", "rm.seed", "reuse"}
+    ignored, defaults = {"seed", "sft.seed", "rm.seed", "reuse"}, default_records(cfgs)
     for name, path in (("sft", folder / "sft"), ("rm", folder / "rm"),
                        ("pairs", pairs_cache(folder, split))):
         done = path.exists() if name == "pairs" else (path / "final.pt").exists()
@@ -352,7 +352,7 @@ def check_reused(folder: Path, cfgs: dict):
                              f"--stop_after split --out {folder}")
         made, now = json.loads(regular_file(record).read_text()), json.loads(json.dumps(rec[name]))
         changed = [k for k in dict.fromkeys([*now, *made]) if k not in ignored
-                   and made.get(k, ...) != now.get(k, ...)]
+                   and made.get(k, defaults.get(k, ...)) != now.get(k, defaults.get(k, ...))]
         if changed:
             more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
             raise ValueError(f"--reuse {folder}: its {name} was made with other flags "
