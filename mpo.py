@@ -304,8 +304,8 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
     (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
     the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one, and each prompt's mean (gold, else RM score) with the variance of
-    that mean over its samples. With data.subsets
+    reward when the task has one, and each sample's (gold, else RM score) prompt by prompt. With
+    data.subsets
     (one name per prompt), the RM score and win rate also per subset under "subsets". Returns
     (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
@@ -334,10 +334,7 @@ def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
             results[name]["gold_se"] = float(per_prompt.mean(1).std() / len(per_prompt) ** 0.5)
         results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
                           "length": sum(map(len, responses)) / len(responses),
-                          # each prompt's mean, and its variance over the samples (the noise split)
-                          "per_prompt": {"mean": per_prompt.mean(1).tolist(),
-                                         "var": (per_prompt.var(1) / cfg.samples).tolist()
-                                         if cfg.samples > 1 else None}}
+                          "per_sample": per_prompt.tolist()}  # prompt by prompt: the noise split
         samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
     for name, r in results.items():  # the paper's win / tie / lose by RM score
         diff = scores[name] - scores["sft"]

@@ -20,7 +20,7 @@ from lab.estimates import forward_flops, print_memory_estimate, print_plan, samp
 from lab.flags import split_variants
 from lab.readers import jsonl_file, load_gold_reward
 from lab.report import write_report
-from lab.results import METRICS, study
+from lab.results import CLAIMS, METRICS, sampling_variance, study
 from lab.rm import gold_checks, score_pairs
 from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
                       variant_folder, write_config)
@@ -373,9 +373,10 @@ def run_pipeline(cfgs: dict) -> Path:
                           for name, r in results.items()},
               "common_compute": {name: compute(out, stages.folders[name], flops)
                                  for name in ("sft", "rm")},
-              "per_prompt": {name: {k: v and [round(x, 6) for x in v]
-                                    for k, v in r["per_prompt"].items()}
-                             for name, r in results.items()}}
+              "evaluation_var": {claim: sampling_variance(results[a]["per_sample"],
+                                                          results[b]["per_sample"])
+                                 for claim, (a, b) in CLAIMS.items()
+                                 if a in results and b in results}}
     if "gold" in rm_metrics:  # the study's table of each seed's RM and split against gold
         record["gold_checks"] = {**rm_metrics["gold"],
                                  "easy_share": stages.split_stats["easy_share"]}

@@ -115,13 +115,24 @@ def seeds_needed(diff: dict, margin: float | None = None, most: int = 10000) -> 
     return None
 
 
+def sampling_variance(a: list, b: list) -> float | None:
+    """The variance the evaluation's sampling adds to a seed's difference of means, the prompts held
+    fixed: from each prompt's paired differences a[p][j] - b[p][j] (sample j of both models drawn
+    with the same random numbers), the sum over prompts of their variance over the samples / the
+    samples, over prompts^2. None with one sample a prompt."""
+    k = len(a[0])
+    if k < 2:
+        return None
+    diffs = [[x - y for x, y in zip(xs, ys)] for xs, ys in zip(a, b, strict=True)]
+    return sum(sd(d) ** 2 / k for d in diffs) / len(diffs) ** 2
+
+
 def noise(diff: dict, evaluation: list | None, margin: float | None) -> dict:
-    """Where a claim's spread over seeds comes from. `evaluation`: per seed, the variance its
-    evaluation's sampling adds to the difference, the prompts held fixed: sum over prompts of the
-    two models' variances of a prompt's mean over its --eval.samples, over prompts^2 (the draws
-    taken as independent; None with one sample a prompt). The rest of the variance is training's
-    (initialisation, data order, sampling while training). `buy`: more --eval.samples shrink only
-    the first, more seeds both; and the seeds a decisive verdict would need at this spread."""
+    """Where a claim's spread over seeds comes from: `evaluation`, per seed, the variance its
+    evaluation's sampling adds (sampling_variance; None with one sample a prompt), the rest
+    training's (initialisation, data order, sampling while training). `buy`: more --eval.samples
+    shrink only the first, more seeds both; and the seeds a decisive verdict would need at this
+    spread."""
     out = {}
     if evaluation:
         out["evaluation_sd"] = (sum(evaluation) / len(evaluation)) ** 0.5
@@ -143,9 +154,9 @@ def paired(a, b) -> dict:
 
 def study(records: list, equivalence: float = 0.0) -> dict:
     """results.json from per-seed records {"seed", "methods": {name: {metric: value, "compute":
-    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "per_prompt": {name:
-    {"mean", "var"}: each held-out prompt's mean metric and its variance}, "samples": {name:
-    [(prompt, response)]}, and on tasks
+    {...}}}, "gap_buckets": {bucket: {"accuracy", "pairs", "low", "high"}}, "evaluation_var":
+    {claim: sampling_variance of its difference}, "samples": {name: [(prompt, response)]}, and on
+    tasks
     with gold "gold_checks" (lab.rm.gold_checks' dict and "easy_share") and "gold_best"}: the gold
     checks and per-prompt values are listed per seed, the samples kept from the first seed.
     Claims compare gold where the task has it, else the RM score, and are "equivalent" within a
@@ -181,12 +192,11 @@ def study(records: list, equivalence: float = 0.0) -> dict:
         diff = paired(of(a, key), of(b, key))
         out["claims"][claim] = {"diff": diff, "verdict": verdict(diff, margin),
                                 "metric": f"{key}, {a} - {b}"}
-        if all("per_prompt" in r for r in records):
-            variances = [(r["per_prompt"][a]["var"], r["per_prompt"][b]["var"]) for r in records]
-            evaluation = None if any(v is None for pair in variances for v in pair) else [
-                sum(x + y for x, y in zip(va, vb)) / len(va) ** 2 for va, vb in variances]
-            out["claims"][claim]["noise"] = noise(diff, evaluation, margin)
-    for extra in ("gold_checks", "per_prompt"):
+        if all("evaluation_var" in r for r in records):
+            evaluation = [r["evaluation_var"].get(claim) for r in records]
+            out["claims"][claim]["noise"] = noise(diff, None if None in evaluation else evaluation,
+                                                  margin)
+    for extra in ("gold_checks", "evaluation_var"):
         if all(extra in r for r in records):
             out[extra] = [r[extra] for r in records]
     if best is not None:
@@ -227,7 +237,7 @@ def seed_record(results: dict) -> dict:
     first = lambda s: s["per_seed"][0]  # noqa: E731
     buckets = results["claims"]["rm_accuracy_rises_with_gap"]["buckets"]
     extra = {}  # the RM against gold and the best gold (tasks with one), per prompt, samples
-    for k in ("gold_checks", "per_prompt"):
+    for k in ("gold_checks", "evaluation_var"):
         if k in results:
             extra[k] = results[k][0]
     for k in ("gold_best", "samples", "common_compute"):

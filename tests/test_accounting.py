@@ -14,7 +14,8 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer
 from dpo import DPOConfig, dpo
 from lab.estimates import forward_flops
-from lab.results import gap_claim, noise, paired, seeds_needed, study, t975, t_quantile, verdict
+from lab.results import (gap_claim, noise, paired, sampling_variance, seeds_needed, study, t975, t_quantile,
+                         verdict)
 from lab.study import compute, compute_budget, dpo_flops
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
@@ -58,15 +59,20 @@ def test_noise_splits_the_spread_into_evaluation_and_training():
     assert set(noise(d, None, None)) == {"total_sd", "seeds_needed"}  # one sample a prompt: no split
 
 
-def test_the_evaluations_share_comes_from_the_samples_within_each_prompt():
+def test_the_evaluations_share_comes_from_the_paired_samples_within_each_prompt():
+    # two prompts, three samples each; sample j of both models shares its random numbers: pairs of draws
+    a = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
+    b = [[1.0, 2.0, 3.0], [1.0, 0.0, -1.0]]  # the same draws on prompt 1: no noise in the difference there
+    assert sampling_variance(a, b) == pytest.approx((0.0 + 1.0 / 3) / 2 ** 2)  # var of (-1, 0, 1) is 1, / 3 samples
+    assert sampling_variance([[1.0], [2.0]], [[0.0], [0.0]]) is None  # one sample a prompt: no split
     from test_study import record
     records = [record(s, [0.0, 1.0, 2.0, g, 1.0], 0.5, 0.8) for s, g in ((0, 2.0), (1, 4.0))]  # mpo - dpo_all: 1, 3
-    for r in records:  # each prompt's mean and the variance of that mean over its samples, two prompts
-        r["per_prompt"] = {name: {"mean": [0.0, 0.0], "var": [0.1, 0.3] if name == "mpo" else [0.2, 0.2]}
-                           for name in r["methods"]}
-    n = study(records)["claims"]["mpo_beats_dpo_all"]["noise"]
-    assert n["evaluation_sd"] == pytest.approx(((0.1 + 0.2 + 0.3 + 0.2) / 2 ** 2) ** 0.5)  # sum over prompts / P^2
-    assert n["training_sd"] == pytest.approx((2 - 0.2) ** 0.5) and n["buy"] == "seeds"
+    for r in records:
+        r["evaluation_var"] = {"mpo_beats_dpo_all": 0.2, "mpo_beats_ppo_all": None}
+    claims = study(records)["claims"]
+    n = claims["mpo_beats_dpo_all"]["noise"]
+    assert n["evaluation_sd"] == pytest.approx(0.2 ** 0.5) and n["training_sd"] == pytest.approx(1.8 ** 0.5)
+    assert n["buy"] == "seeds" and set(claims["mpo_beats_ppo_all"]["noise"]) == {"total_sd", "seeds_needed"}
 
 
 def test_one_shared_rm_gets_an_interval_over_its_pairs():

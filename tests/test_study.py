@@ -283,7 +283,7 @@ def test_sweep_runs_every_multiple_on_shared_sft_and_rm_and_draws_the_frontier(t
     sweep = json.loads((out / "sweep.json").read_text())
     assert list(sweep) == ["0.5", "2"] and all(set(r) == {
         "seeds", "methods", "claims", "gold_checks", "samples", "common_compute", "equivalence_margin", "gold_best",
-        "per_prompt"} for r in sweep.values())
+        "evaluation_var"} for r in sweep.values())
     text = (out / "report.md").read_text()
     assert "| model | x0.5 | x2 |" in text and "| mpo_beats_dpo_all |" in text
     assert (out / "frontier.png").stat().st_size > 1000
