@@ -291,6 +291,18 @@ def plot_overoptimisation(path, folders) -> bool:
     return True
 
 
+def regime_lines(cfgs) -> list:
+    """On the demo: which of its regimes ran (lab/regimes.py), and where the others are."""
+    if cfgs["run"].dataset != "demo":
+        return []
+    demo, steps = cfgs["demo"], cfgs["dpo"].max_steps or f"{cfgs['dpo'].epochs:g} DPO epochs"
+    source = ("the SFT data's generator (on-policy)" if demo.pairs_source == "sft" else
+              "another generator than the SFT data's (off-policy)")
+    return [f"The demo's regime: preference pairs from {source}, label noise temperature "
+            f"{demo.noise_temperature:g}, budget {steps}. Every regime and budget side by side: "
+            "docs/results.md, \"When does MPO help?\" (`python -m lab.regimes`).", ""]
+
+
 def write_study(out: Path, cfgs, results: dict, folders) -> Path:
     """out/results.json and out/report.md of a study over seeds: the claims first, then every
     model's metrics (mean and 95 % interval over seeds) and compute, each seed's RM against gold
@@ -316,7 +328,7 @@ def write_study(out: Path, cfgs, results: dict, folders) -> Path:
              "evaluation's sampling (the responses drawn for each prompt; every seed has the same "
              "prompts) and the rest (training); `buy` says which more of would narrow the interval "
              "most (more `--eval.samples`, or more seeds), `seeds needed` at which count this "
-             "spread would give a decisive verdict.", "",
+             "spread would give a decisive verdict.", "", *regime_lines(cfgs),
              "| claim | difference | mean | 95 % CI | per seed | verdict | seeds | sd: total / "
              "evaluation / training | buy | seeds needed |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -231,6 +231,7 @@ def test_seeds_study_end_to_end_fixed_data_one_thread_and_reuse(tmp_path, capsys
     text = (out / "report.md").read_text()
     assert text.index("| mpo_beats_dpo_all |") < text.index("| mpo[stage2_ref=sft] |")  # the claims come first
     assert "`--budget matched`" in text and "`--study shared`" in text
+    assert "The demo's regime: preference pairs from the SFT data's generator (on-policy)" in text
     assert (out / "overoptimisation.png").stat().st_size > 1000
     # Each seed's RM and split against gold reach the study's report, the ceiling beside the accuracy.
     checks = results["gold_checks"]
