@@ -206,6 +206,7 @@ class Run(Stages):
         self.methods = run.methods.split(",")
         self.steps = 0  # dpo_all's optimizer steps: the matched budget
         self.gaps, self.split_stats, self.variants, self.models = None, None, {}, {}
+        self.easy = self.hard = None  # MPO's split, for the ablations that share its DPO stage
         self.reused = Stages(Path(run.reuse), {}) if run.reuse else None
         # the stage folders of each model, under out (compute): SFT and the RM in --reuse's folder
         shared = self.reused.out.resolve() if self.reused else Path()
