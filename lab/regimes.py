@@ -52,20 +52,24 @@ def cell_text(claim: dict) -> str:
 
 
 def report():
-    """ROOT/table.md: the claims (rows) in every cell run (columns); ROOT/gold_vs_flops.png:
+    """ROOT/table.md: every cell run (rows) and its claims (columns); ROOT/gold_vs_flops.png:
     held-out gold against each method's FLOPs, a point per budget, one panel per regime."""
-    cells = {p.parent.name: json.loads(p.read_text()) for p in sorted(ROOT.glob("*/results.json"))}
+    def order(path):  # the plan's order: regimes, then budgets; other cells (a second task) last
+        regime, _, budget = path.parent.name.partition("_")
+        return (list(REGIMES).index(regime) if regime in REGIMES else len(REGIMES),
+                list(BUDGETS).index(budget) if budget in BUDGETS else len(BUDGETS), budget)
+
+    cells = {p.parent.name: json.loads(p.read_text())
+             for p in sorted(ROOT.glob("*/results.json"), key=order)}
     if not cells:
         sys.exit(f"no cell has finished under {ROOT}")
     claims = list(next(iter(cells.values()))["claims"])
-    lines = ["| claim | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
-    for claim in claims:
-        lines.append(f"| {claim} | " + " | ".join(cell_text(r["claims"][claim])
-                                                  for r in cells.values()) + " |")
-    kl = {name: max(m["kl_to_sft"]["mean"] for m in r["methods"].values())
-          for name, r in cells.items()}
-    lines += ["", "Largest mean KL to SFT of any model: "
-              + ", ".join(f"{name} {v:.2f}" for name, v in kl.items()) + "."]
+    lines = ["| cell | " + " | ".join(claims) + " | largest KL to SFT |",
+             "|---" * (len(claims) + 2) + "|"]
+    for name, r in cells.items():
+        kl = max(m["kl_to_sft"]["mean"] for m in r["methods"].values())
+        lines.append(f"| {name} | " + " | ".join(cell_text(r["claims"][c]) for c in claims)
+                     + f" | {kl:.2f} |")
     (ROOT / "table.md").write_text("\n".join(lines) + "\n")
     regimes = [r for r in REGIMES if any(name.split("_")[0] == r for name in cells)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 3.6), squeeze=False)
