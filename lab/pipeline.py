@@ -20,10 +20,11 @@ from lab.estimates import forward_flops, print_memory_estimate, print_plan, samp
 from lab.flags import split_variants
 from lab.readers import jsonl_file, load_gold_reward
 from lab.report import write_report
-from lab.results import CLAIMS, METRICS, sampling_variance, study
+from lab.results import CLAIMS, METRICS, study
 from lab.rm import gold_checks, score_pairs
 from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
                       variant_folder, write_config)
+from lab.stats import sampling_variance
 from lab.study import compute, compute_budget, dpo_flops, matched_budget, out_folder
 from model import GPT, GPTConfig
 from mpo import (distinct_prompts, easy_and_hard, gap_threshold, make_pairs, mpo, mpo_stages,

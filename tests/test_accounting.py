@@ -14,8 +14,8 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer
 from dpo import DPOConfig, dpo
 from lab.estimates import forward_flops
-from lab.results import (gap_claim, noise, paired, sampling_variance, seeds_needed, study, t975, t_quantile,
-                         verdict)
+from lab.results import gap_claim, study
+from lab.stats import noise, paired, sampling_variance, seeds_needed, t975, t_quantile, verdict
 from lab.study import compute, compute_budget, dpo_flops
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo

@@ -12,7 +12,8 @@ import mpo
 from data import collate_sft, encode_dataset, get_tokenizer, load_task
 from model import GPT, GPTConfig, ScalarModel
 from ppo import Models, PPOConfig, ppo
-from lab.results import paired, seed_record, study, summary, t975, verdict, write_study
+from lab.results import seed_record, study, write_study
+from lab.stats import paired, summary, t975, verdict
 from lab.rm import accuracy_by_gap_quartile
 from lab.study import matched_budget
 from train import TrainConfig, train
