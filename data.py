@@ -1,14 +1,14 @@
-"""Data for mpo: tokenizers, the HH-RLHF and TL;DR formats, the tasks (the default, a synthetic task
-with a known gold reward, is in demo.py), and tokenising / truncating / padding into batches.
+"""Data for mpo: tokenizers, the tasks (the default, a synthetic task with a known gold reward, is
+in demo.py), and tokenising / truncating / padding rows into batches.
 
     python data.py                    # build the demo task, print examples and gold statistics
     python data.py hh-rlhf DATA_DIR   # load a real task (downloads to ~/.cache/mpo/data if online)
 
-Left to lab/readers.py: validating every line, downloads, a user's jsonl task, the gold import.
+Left to the lab: the published formats (lab/formats.py: HH-RLHF's dialogues, TL;DR's comparisons,
+the prompt cuts that keep their structure), validating every line, downloads, a user's jsonl task
+and the gold import (lab/readers.py).
 """
-import os
 import random
-import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +18,9 @@ import torch
 
 from demo import DEMO_VOCAB, DemoConfig, demo_gold_reward, make_demo_task
 from demo import DEMO_WORDS, demo_best_gold  # noqa: F401 (offered here too, as data.*)
-from lab.readers import DataError, get_field, gpt2_encoding, read_rows
+from lab.formats import Pair, cut_post, cut_turns
+from lab.formats import read_hh_rlhf, read_tldr_comparisons  # noqa: F401 (offered as data.*)
+from lab.readers import DataError, gpt2_encoding  # noqa: F401 (DataError offered as data.*)
 
 EOT = "<|endoftext|>"
 TOKENIZERS = ("byte", "gpt2", "demo")
@@ -56,99 +58,6 @@ def _ids(tok: tiktoken.Encoding, text: str) -> list[int]:
     return tok.encode_ordinary(text)
 
 
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def _pair(prompt: str, chosen: str, rejected: str) -> Pair | str:
-    """The Pair, or why it is dropped."""
-    if not chosen.strip() or not rejected.strip():
-        return "empty"
-    return "identical" if chosen == rejected else Pair(prompt, chosen, rejected)
-
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-
-
-def read_hh_rlhf_stats(path) -> tuple[list[Pair], dict]:
-    """HH-RLHF file -> (pairs, counts). A row is {"chosen": dialogue, "rejected": dialogue}, each
-    the whole dialogue in "\\n\\nHuman: ..." / "\\n\\nAssistant: ..." turns. Both must share every
-    turn up to the last "\\n\\nAssistant:" (the prompt); the responses keep their leading space."""
-
-    def pair(obj, where):
-        chosen, rejected = get_field(obj, "chosen", where), get_field(obj, "rejected", where)
-        # Longest common prefix cut back to its last assistant marker (TRL's prefix extraction had
-        # off-by-one bugs here); if a remainder holds another turn, the dialogues differ earlier.
-        cut = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT) + len(ASSISTANT)
-        a, b = chosen[cut:], rejected[cut:]
-        if cut < len(ASSISTANT) or any(m in r for m in (HUMAN, ASSISTANT) for r in (a, b)):
-            return "prefix mismatch"
-        return _pair(chosen[:cut], a, b)
-
-    return read_rows(path, pair, ("prefix mismatch", "empty", "identical"), f"read_hh_rlhf({path})")
-
-
-def read_hh_rlhf(path) -> list[Pair]:
-    """One published HH-RLHF file (.jsonl.gz or .jsonl) -> Pairs; drop counts go to stderr."""
-    return read_hh_rlhf_stats(path)[0]
-
-
-TLDR_TEMPLATES = {
-    # the MPO author's code
-    "author": "\n\nHuman: Please summarize the following text:\n{post}\n\nAssistant:",
-    # the OpenAI / N+ format
-    "tldr": "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:",
-}
-
-
-def _tldr_prompt(info: dict, post_key: str, template: str, where: str) -> str:
-    if template not in TLDR_TEMPLATES:
-        raise ValueError(f"unknown template {template!r} (valid: {', '.join(TLDR_TEMPLATES)})")
-    fields = {"post": get_field(info, post_key, where).strip()}
-    if template == "tldr":
-        fields |= {k: get_field(info, k, where).strip() for k in ("subreddit", "title")}
-    return TLDR_TEMPLATES[template].format(**fields)
-
-
-def _summary(text: str) -> str:
-    return " " + text.strip()  # completions start with a space (N+ detail 2); "" marks an empty one
-
-
-def read_tldr_comparisons(path, template: str = "author", split: str | None = None) -> list[Pair]:
-    """OpenAI summarize-from-feedback comparisons (JSON lines: info{post,title,subreddit},
-    summaries[{text},{text}], choice 0/1) -> Pairs. `split` keeps rows whose "split" field starts
-    with it ("train", "valid")."""
-
-    def pair(obj, where):
-        if split is not None and not str(obj.get("split", "train")).startswith(split):
-            return None
-        info, choice = get_field(obj, "info", where, dict), get_field(obj, "choice", where, int)
-        if choice not in (0, 1):
-            raise DataError(f'{where}: field "choice" is {choice}, expected 0 or 1')
-        return _pair(_tldr_prompt(info, "post", template, where),
-                     _summary(get_field(obj, f"summaries.{choice}.text", where)),
-                     _summary(get_field(obj, f"summaries.{1 - choice}.text", where)))
-
-    return read_rows(path, pair, ("empty", "identical"),
-                     f"read_tldr_comparisons({path}, split={split})")[0]
-
-
-def read_tldr_sft(path, template: str = "author") -> list[tuple[str, str]]:
-    """TL;DR SFT file -> (prompt, response): tldr_3_filtered rows {post, title, subreddit, summary},
-    or dove rows {instruction (the post), title, subreddit, gold_response}."""
-
-    def row(obj, where):
-        dove = "instruction" in obj
-        prompt = _tldr_prompt(obj, "instruction" if dove else "post", template, where)
-        response = _summary(get_field(obj, "gold_response" if dove else "summary", where))
-        return "empty" if response == " " else (prompt, response)
-
-    return read_rows(path, row, ("empty",), f"read_tldr_sft({path})")[0]
-
-
 @dataclass
 class Task:
     name: str
@@ -162,19 +71,6 @@ class Task:
     gold_best: float | None = None  # the best gold reward achievable, mean over held-out prompts
     prompt_cut: str = "left"  # how a long prompt is cut: "left", "turns" (HH-RLHF), "post" (TL;DR)
     eval_subsets: list[str] | None = None  # each eval prompt's subset (HH-RLHF: helpful, harmless)
-
-
-def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, object]]:
-    """(group, item) for every item of every group, shuffled within its group, ordered so that every
-    prefix holds the groups in proportion to their sizes: the first k items are a stratified
-    sample."""
-    keyed = []
-    for g, (name, items) in enumerate(groups.items()):
-        items = list(items)
-        rng.shuffle(items)
-        keyed += [((i + 0.5) / len(items), g, name, x) for i, x in enumerate(items)]
-    keyed.sort(key=lambda k: k[:2])
-    return [(name, x) for _, _, name, x in keyed]
 
 
 def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
@@ -199,53 +95,17 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
     return task
 
 
-def _cut_turns(tok, text: str, max_len: int) -> list[int] | None:
-    # HH-RLHF (the author): drop whole oldest turns, so the dialogue still opens with a Human turn
-    # and no turn is cut in the middle; None when even the last Human turn does not fit.
-    for start in (m.start() for m in re.finditer(re.escape(HUMAN), text)):
-        if len(ids := _ids(tok, text[start:])) <= max_len:
-            return ids
-    return None
-
-
-def _cut_post(tok, text: str, max_len: int) -> list[int] | None:
-    # TL;DR (N+): keep the header (subreddit, title) or the instruction and the closing "TL;DR:" /
-    # "Assistant:", and shorten the post from its end, at a line break where one fits, else at a
-    # space.
-    for template in TLDR_TEMPLATES.values():
-        head, tail = template.split("{post}")
-        marker = head.rsplit("}", 1)[-1]  # the literal text just before the post
-        if text.endswith(tail) and (begin := text.find(marker)) >= 0:
-            begin += len(marker)
-            break
-    else:
-        return None
-    post = text[begin:len(text) - len(tail)]
-
-    def fits(cut):
-        return len(_ids(tok, text[:begin] + post[:cut] + tail)) <= max_len
-
-    for sep in ("\n", " "):
-        cuts = [m.start() for m in re.finditer(sep, post)]
-        lo, hi = 0, len(cuts)  # binary search for the longest post[:cut] that fits: cuts[lo - 1]
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(cuts[mid - 1]) else (lo, mid - 1)
-        if lo:
-            return _ids(tok, text[:begin] + post[:cuts[lo - 1]].rstrip() + tail)
-    return None
-
-
 def _cut_prompt(tok, text: str, max_len: int, how: str = "left") -> tuple[list[int] | None, bool]:
-    """(ids, cut) of a prompt fitted into max_len tokens: "turns" and "post" as above, "left" keeps
-    the end of the prompt (what the response answers). ids None: no cut of that kind fits (row
+    """(ids, cut) of a prompt fitted into max_len tokens: "left" keeps the end of the prompt (what
+    the response answers); "turns" (HH-RLHF: whole oldest turns dropped) and "post" (TL;DR: the
+    post shortened, its header kept) are lab/formats.py's. ids None: no cut of that kind fits (row
     dropped)."""
     ids = _ids(tok, text)
     if len(ids) <= max_len:
         return ids, False
     if how == "left":
         return ids[len(ids) - max_len:], True
-    return {"turns": _cut_turns, "post": _cut_post}[how](tok, text, max_len), True
+    return {"turns": cut_turns, "post": cut_post}[how](tok, text, max_len), True
 
 
 def _cut_response(ids: list[int], max_len: int, eos: int) -> tuple[list[int], bool]:

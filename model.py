@@ -1,7 +1,6 @@
-"""
-GPT-2 in plain PyTorch, the scalar-head model used as reward model and PPO critic, and batched
-sampling with a KV cache.
-Hugging Face checkpoint I/O lives in lab/weights.py, the decoding speed tricks in lab/speed.py.
+"""GPT-2 in plain PyTorch, batched sampling with a KV cache, and the scalar-head model used as
+reward model and PPO critic. Left to the lab: Hugging Face checkpoint I/O (lab/weights.py) and the
+decoding speed tricks (lab/speed.py).
 
     from model import GPT, GPTConfig
     gpt = GPT.from_pretrained("gpt2")  # a hub name (cached in ~/.cache/mpo/gpt2), or a directory

@@ -3,10 +3,11 @@ DPO on the pairs the reward model finds easy and PPO on the prompts it finds har
 
 The method in the paper's order, one section each: SFT, the reward model, resampling and scoring,
 the split at the reward gap (the paper's data selection), MPO's two stages (its two-stage training:
-DPO on the easy pairs, then PPO on the hard prompts from the DPO model, also PPO's KL reference),
-the evaluation against the SFT model; last, `mpo()`, the whole algorithm in one function.
-Left to the lab: the run folder, baselines and ablations (lab/pipeline.py), the RM's normalisation,
-gap tables and batched scoring (lab/rm.py), torchrun's shards (lab/devices.py), the command line.
+DPO on the easy pairs, then PPO on the hard prompts from the DPO model, also PPO's KL reference);
+last, `mpo()`, the whole algorithm in one function, ending with the evaluation against SFT.
+Left to the lab: the run folder, baselines and ablations (lab/pipeline.py), the RM's start, its
+normalisation, gap tables and batched scoring (lab/rm.py), batched sampling and the evaluation
+(lab/evaluate.py), the command line (lab/cli.py).
 
     from mpo import SFTConfig, sft, RMConfig, train_reward_model
     policy, metrics = sft(gpt, encoded_examples, SFTConfig(), "out/run")
@@ -17,21 +18,20 @@ Tests: python -m pytest -q tests/test_stages.py tests/test_mpo.py
 """
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from data import collate_pairs, collate_prompts, collate_sft, decode_text
+from data import collate_pairs, collate_sft
 from dpo import dpo, response_logps
-from lab.devices import map_batches, pick_device, rank, shard, to_device, unshard
+from lab.devices import pick_device
 from lab.estimates import sampling_batch
-from lab.progress import progress
-from lab.report import subset_results
-from lab.rm import batch_scores, gap_tables, normalize_scores, score_pairs
-from model import GPTConfig, ScalarModel, response_mask
+from lab.evaluate import compare_to_sft, sample_responses
+from lab.rm import batch_scores, gap_tables, normalize_scores, reward_model_start, score_pairs
+from model import ScalarModel
 from ppo import Models, ppo
-from train import TrainConfig, autocast, train
+from train import TrainConfig, train
 
 
 # 1. Supervised fine-tuning on the chosen responses (or the task's SFT data)
@@ -118,46 +118,7 @@ def train_reward_model(rm, pairs, cfg: RMConfig, out_dir, eval_pairs=None, refer
     return rm, metrics
 
 
-def reward_model_shape(cfg: RMConfig, policy: GPTConfig) -> GPTConfig:
-    """The RM's shape: the policy's, with --rm.n_layer / n_head / n_embd where they are given."""
-    return replace(policy, **{k: getattr(cfg, k) or getattr(policy, k)
-                              for k in ("n_layer", "n_head", "n_embd")})
-
-
-def reward_model_start(base, sft_model, cfg: RMConfig) -> ScalarModel:
-    """The RM before training: the base LM (author) or the SFT model (--rm.init sft) under a new
-    scalar head; or, with --rm.n_layer / n_head / n_embd, a model of its own shape from scratch."""
-    shape = reward_model_shape(cfg, base.config)
-    if shape.n_embd % shape.n_head:
-        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {shape.n_head} "
-                         f"heads, got {shape.n_embd}")
-    if shape != base.config:
-        return ScalarModel(shape)
-    return ScalarModel.from_gpt(base if cfg.init == "base" else sft_model)
-
-
 # 3. Resample and score: two SFT samples per prompt, the RM's gap between them
-
-@torch.no_grad()
-def sample_responses(model, prompts, eos_id, run, batch_size, temperature=1.0, top_k=None,
-                     top_p=None, name="sampling") -> list:
-    """One sampled response (token ids, EOS included when reached) per encoded prompt, up to
-    --max_response_len tokens, from the run's seed, on its device and under its --dtype. Under
-    torchrun each rank samples for a shard of the prompts (its own seed)."""
-    device = pick_device(run.device)
-    model.to(device).eval()
-    g = torch.Generator(device).manual_seed(run.seed + rank() * 100003)
-    out, mine = [], shard(prompts)
-    for i in progress(range(0, len(mine), batch_size), name):
-        batch = to_device(collate_prompts(mine[i:i + batch_size]), device)
-        T = batch["tokens"].size(1)
-        with autocast(device, run.dtype):
-            new = model.generate(batch["tokens"], run.max_response_len, temperature, top_k, top_p,
-                                 eos_id, batch["attention_mask"], generator=g)[:, T:]
-        keep = response_mask(new, eos_id)
-        out += [row[m].tolist() for row, m in zip(new.cpu(), keep.cpu())]
-    return unshard(out)
-
 
 def distinct_prompts(rows) -> list:
     """The prompts of encoded rows, each once, in order of first appearance."""
@@ -285,68 +246,7 @@ def mpo_stages(lab, cfgs, data, sft_model, rm, easy, hard):
                      eval_prompts=data.prompts_eval, gold_reward=data.gold_reward, stage="mpo")
 
 
-# 6. Evaluation: every model against the SFT model on held-out prompts
-
-@dataclass
-class EvalConfig:
-    prompts: int = 500        # held-out prompts (paper: RM score of one sampled response per test
-                              # prompt)
-    samples: int = 1          # responses per prompt: more of them shrink the standard errors
-    temperature: float = 1.0  # 1.0 makes the KL estimate below unbiased
-    batch_size: int = 0       # sampling and scoring batch; 0 = 32 on a CPU, sized from free memory
-                              # on a GPU
-    tie: float = 0.0          # |RM score difference| <= tie counts as a tie
-    show: int = 3             # sample responses per model in the report
-
-
-def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
-    """cfg.samples responses per held-out prompt (data.prompts_eval) from every model (same seed).
-    Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
-    (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
-    the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one, and each sample's (gold, else RM score) prompt by prompt. With
-    data.subsets
-    (one name per prompt), the RM score and win rate also per subset under "subsets". Returns
-    (results, samples) keyed by model name."""
-    tok, device = data.tok, pick_device(run.device)
-    prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
-    prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation
-    results, samples, scores = {}, {}, {}
-
-    def logps(model, rows):  # summed response log-probs (N,)
-        return torch.cat(map_batches(response_logps, model, rows, collate_sft, cfg.batch_size,
-                                     device, run.dtype, "log-probs"))
-
-    for name, model in models.items():
-        responses = sample_responses(model, prompts, tok.eot_token, run, cfg.batch_size,
-                                     cfg.temperature, name=f"evaluate {name}: sampling")
-        rows = list(zip(prompts, responses))
-        scores[name] = torch.cat(batch_scores(rm, rows, collate_sft, cfg.batch_size, device,
-                                              run.dtype, f"evaluate {name}: RM"))
-        kl = logps(model, rows) - logps(models["sft"], rows)
-        texts = [decode_text(tok, r) for r in responses]
-        values, results[name] = scores[name], {}  # each sample's metric: gold, else the RM score
-        if data.gold_reward:
-            values = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompt_texts, texts)])
-            results[name] = {"gold": float(values.mean())}
-        per_prompt = values.view(-1, cfg.samples)  # a prompt's samples are not independent:
-        if data.gold_reward:                       # the standard error is over prompts
-            results[name]["gold_se"] = float(per_prompt.mean(1).std() / len(per_prompt) ** 0.5)
-        results[name] |= {"rm_score": float(scores[name].mean()), "kl_to_sft": float(kl.mean()),
-                          "length": sum(map(len, responses)) / len(responses),
-                          "per_sample": per_prompt.tolist()}  # prompt by prompt: the noise split
-        samples[name] = list(zip(prompt_texts, texts))[::cfg.samples][:cfg.show]  # one per prompt
-    for name, r in results.items():  # the paper's win / tie / lose by RM score
-        diff = scores[name] - scores["sft"]
-        win, tie, lose = (float(x.float().mean()) for x in
-                          (diff > cfg.tie, diff.abs() <= cfg.tie, diff < -cfg.tie))
-        r |= {"win": win, "tie": tie, "lose": lose, "win_rate": win + tie / 2}
-    if data.subsets:  # each subset's RM score and win rate too (HH-RLHF's helpful and harmless)
-        subset_results(results, scores, data.subsets, cfg)
-    return results, samples
-
-
-# 7. The algorithm: SFT -> RM -> resample, score -> split -> DPO on easy -> PPO on hard -> evaluate
+# 6. The algorithm: SFT -> RM -> resample, score -> split -> DPO on easy -> PPO on hard -> evaluate
 
 def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     """MPO from a `base` model on an encoded task with the stage configs `cfgs`; returns

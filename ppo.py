@@ -7,8 +7,8 @@ per-token KL penalty keeps the policy near a frozen reference (Ziegler et al. 20
 2020). In MPO (Gou & Nguyen 2024) this stage trains on the prompts the RM finds "hard", starting
 from the DPO model, which is also the reference; the critic starts from the RM.
 
-One iteration of the loop in `ppo()`: pick prompts -> rollout (sample, then log-probs, values and
-RM scores) -> KL-shaped rewards -> GAE -> PPO epochs -> log / eval / save.
+One iteration of `ppo()`: pick prompts -> rollout (sample; log-probs, values, RM scores) ->
+KL-shaped rewards -> GAE -> PPO epochs -> log / eval / save.
 
 Implementation details, from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)
 and the author's DeepSpeed-Chat based code, numbered for this file, which cites them as "detail N"
@@ -38,15 +38,11 @@ and the author's DeepSpeed-Chat based code, numbered for this file, which cites 
     clipping.
 16. Reference log-probs, old log-probs and old values computed once per rollout, under no_grad.
 
-The lab keeps a stage's bookkeeping (lab/stage.py: resume, checkpoints, log lines, the NaN stop)
-and the ranks of torchrun (lab/devices.py: statistics and gradients averaged over them).
-
-Run it through the pipeline (`python mpo.py`, see train.sh); as a function:
+Left to the lab: the stage's bookkeeping (lab/stage.py: resume, checkpoints, log lines, the NaN
+stop), the evaluation and log statistics (lab/ppo_eval.py), torchrun's ranks (lab/devices.py).
 
     models = Models(policy, ref=copy.deepcopy(policy), reward_model=rm, critic=copy.deepcopy(rm))
-    policy, metrics = ppo(models, prompts, tok, PPOConfig(), "out/run")
-
-Tests: python -m pytest -q tests/test_ppo.py
+    policy, metrics = ppo(models, prompts, tok, PPOConfig(), "out/run")  # tests/test_ppo.py
 """
 import math
 import time
@@ -152,7 +148,8 @@ class Rollout:
     ref_logp: torch.Tensor  # (B, R) log pi_ref
     values: torch.Tensor    # (B, R) V_old, 0 after the last token (detail 10)
     scores: torch.Tensor    # (B,) the RM's raw scores (detail 6)
-    generate_s: float = 0.0  # seconds spent sampling, the rest of the rollout is scoring
+    generate_s: float = 0.0  # seconds spent sampling
+    rollout_s: float = 0.0   # seconds for the whole rollout: sampling, then scoring
     advantages: torch.Tensor | None = None  # (B, R), from GAE
     returns: torch.Tensor | None = None     # (B, R)
 
@@ -229,7 +226,7 @@ def rollout(models, prompt_ids, eos_id, cfg, generator) -> Rollout:
     out = {k: torch.cat(v) for k, v in out.items()}
     return Rollout(seq, attn, P, mask, has_eos=(seq[:, P:] == eos_id).any(1), logp=out["logp"],
                    ref_logp=out["ref_logp"], values=out["values"] * mask,  # detail 10
-                   scores=out["scores"], generate_s=generate_s)
+                   scores=out["scores"], generate_s=generate_s, rollout_s=time.time() - start)
 
 
 def shape_rewards(raw_scores, has_eos, logp, ref_logp, mask, kl_coef, cfg):
@@ -285,7 +282,7 @@ def value_loss(values, old_values, returns, clip):
 def ppo_update(models, opts, ro, cfg, generator):
     """cfg.ppo_epochs epochs over minibatches of the rollout `ro` (detail 14), each minibatch one
     step of the actor's and the critic's optimizers `opts`; returns token-mean statistics."""
-    policy, critic = models.policy, models.critic
+    start, policy, critic = time.time(), models.policy, models.critic
     device = ro.seq.device
     sums = defaultdict(float)
     n_all = 0.0
@@ -321,7 +318,7 @@ def ppo_update(models, opts, ro, cfg, generator):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {k: v / n_all for k, v in sums.items()}
+    return {k: v / n_all for k, v in sums.items()} | {"update_s": time.time() - start}
 
 
 def optimizers(models, cfg, device):
@@ -378,7 +375,7 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
             opt.param_groups[0]["lr"] = lr_at(it, cfg, total, lr)
         # 1. Rollout. Every random draw comes from generators seeded by (seed, iteration): a
         # checkpoint needs no RNG state.
-        start, seed = time.time(), cfg.seed * 1_000_003 + it + rank() * 100003
+        seed = cfg.seed * 1_000_003 + it + rank() * 100003
         generator = torch.Generator(device).manual_seed(seed)
         ro = rollout(models, prompt_ids, tok.eot_token, cfg, generator)
         # 2. Rewards: the per-token KL penalty, plus the score on the last token (details 7-9).
@@ -388,12 +385,9 @@ def ppo(models: Models, prompts, tok, cfg: PPOConfig, out_dir, eval_prompts=None
         shaped = masked_whiten(rewards, mask, shift_mean=False) if cfg.whiten_rewards else rewards
         advantages, ro.returns = gae(shaped, ro.values, mask, cfg.gamma, cfg.lam)
         ro.advantages = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
-        scored = time.time()
         # 4. Update: PPO epochs on this batch (details 13-15).
         shuffle = torch.Generator().manual_seed(cfg.seed + it)
         stats = ppo_update(models, (opt_pi, opt_v), ro, cfg, shuffle)
-        stats |= {"generate_s": ro.generate_s, "rollout_s": scored - start,
-                  "update_s": time.time() - scored}
         # 5. Log; adapt the KL coefficient (Ziegler et al. 2019); evaluate; checkpoint.
         pairs = decode(tok, prompt_ids, ro)
         stats = mean_over_ranks(stats | rollout_stats(ro, rewards, mask, kl_coef, pairs,

@@ -10,8 +10,9 @@ every `eval_every` steps and a log line every `log_every`.
     metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/sft", "sft",
                     collate)
 
-The lab keeps the rest: lab/stage.py the stage's bookkeeping (resume from the last checkpoint,
-bit-identical on CPU; the checkpoints, log lines, progress and the NaN stop), lab/devices.py the
+The lab keeps the rest: lab/stage.py the stage's bookkeeping (the rows' order, reshuffled each
+epoch; resume from the last checkpoint, bit-identical on CPU; the checkpoints, log lines, progress
+and the NaN stop), lab/devices.py the
 device, autocast and DDP under torchrun (the ranks share each step's grad_accum micro-batches).
 Tests: python -m pytest -q tests/test_train.py
 """
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.devices import (autocast, data_parallel, micro_batches_per_rank, pick_device, rank,
-                         seed_all, shard, sum_over_ranks, sync_gradients, to_device, world_size)
+from lab.devices import (autocast, data_parallel, micro_batches_per_rank, pick_device, seed_all,
+                         shard, sum_over_ranks, sync_gradients, to_device)
 from lab.progress import progress
-from lab.stage import StageRun
+from lab.stage import Batches, StageRun
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainConfig:
 
 def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
     """The optimizer steps train() takes on `rows` training rows: cfg.max_steps, else cfg.epochs
-    passes of whole micro-batches (Batches), grad_accum to a step."""
+    passes of whole micro-batches (lab.stage.Batches), grad_accum to a step."""
     micro_batches = rows // max(1, min(cfg.batch_size, rows))
     return cfg.max_steps or max(1, int(cfg.epochs * micro_batches) // cfg.grad_accum)
 
@@ -82,36 +83,6 @@ def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
     # it made the step 5x faster for bench.py's default model, whose 50k-row embedding dominates
     fused = torch.device(device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-class Batches:
-    """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch,
-    so the position (epoch, index into that epoch's order) is all a checkpoint needs to resume
-    mid-epoch. The ragged tail of an epoch is dropped: every micro-batch has batch_size rows. Under
-    torchrun the ranks deal out one stream of micro-batches (rank r takes every world-th, like
-    DistributedSampler): N processes see the micro-batches that one process would see, N at a
-    time."""
-
-    def __init__(self, rows, batch_size: int, seed: int):
-        if not rows:
-            raise ValueError("no training rows")
-        batch_size = min(batch_size, len(rows))  # a set smaller than a batch is one batch
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.per_epoch = len(rows) // batch_size
-        self.epoch, self.index, self._order = 0, 0, None
-
-    def __next__(self):
-        return [self._next() for _ in range(world_size())][rank()]
-
-    def _next(self):
-        if self.index + self.batch_size > len(self.rows):
-            self.epoch, self.index = self.epoch + 1, 0
-        if self._order is None or self._order[0] != self.epoch:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = (self.epoch, torch.randperm(len(self.rows), generator=g).tolist())
-        picked = self._order[1][self.index:self.index + self.batch_size]
-        self.index += self.batch_size
-        return [self.rows[i] for i in picked]
 
 
 @torch.no_grad()

@@ -9,13 +9,14 @@ import torch
 from data import DemoConfig
 from dpo import DPOConfig
 from lab.devices import setup_distributed
+from lab.evaluate import EvalConfig
 from lab.flags import flag_parser, given_flags, make_configs
 from lab.pipeline import RunConfig, check_task, run_pipeline
 from lab.runs import Interrupted, StopAfter, out_of_memory, release_run_folders
 from lab.speed import keep_freed_memory
 from lab.study import StudyInterrupted, interrupt_once, run_study
 from lab.use import main_export, main_sample
-from mpo import EvalConfig, RMConfig, SFTConfig, SplitConfig
+from mpo import RMConfig, SFTConfig, SplitConfig
 from ppo import PPOConfig
 
 DESCRIPTION = ("Mixed Preference Optimization (Gou & Nguyen 2024): SFT, a reward model, then "

@@ -21,14 +21,14 @@ from lab.flags import split_variants
 from lab.readers import jsonl_file, load_gold_reward
 from lab.report import write_report
 from lab.results import CLAIMS, METRICS, study
-from lab.rm import gold_checks, score_pairs
+from lab.rm import gold_checks, reward_model_shape, score_pairs
 from lab.runs import (Stages, load_pairs, open_run_folder, pairs_cache, records, save_pairs,
                       variant_folder, write_config)
 from lab.stats import sampling_variance
 from lab.study import compute, compute_budget, dpo_flops, matched_budget, out_folder
 from model import GPT, GPTConfig
 from mpo import (distinct_prompts, easy_and_hard, gap_threshold, make_pairs, mpo, mpo_stages,
-                 reward_model_shape, split_indices, trainable_copy)
+                 split_indices, trainable_copy)
 from ppo import Models, ppo
 from train import optimizer_steps
 

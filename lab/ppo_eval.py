@@ -17,7 +17,7 @@ def decode(tok, prompt_ids, ro):
 
 def rollout_stats(ro, rewards, mask, kl_coef, pairs, gold_reward=None) -> dict:
     """What an iteration logs about its rollout: mean score, RLHF reward, KL to the reference (k1,
-    per response), length, share ending with EOS, the critic's explained variance, and the mean
+    per response), length, share ending with EOS, the critic's explained variance, its seconds, and the mean
     gold reward of the decoded (prompt, response) `pairs` when the task has one."""
     unexplained = masked_var(ro.returns - ro.values, mask)
     gold = {"gold": sum(gold_reward(p, r) for p, r in pairs) / len(pairs)} if gold_reward else {}
@@ -27,6 +27,7 @@ def rollout_stats(ro, rewards, mask, kl_coef, pairs, gold_reward=None) -> dict:
             "kl_coef": kl_coef,
             "response_len": float(mask.sum(1).mean()),
             "eos_frac": float(ro.has_eos.float().mean()),
+            "generate_s": ro.generate_s, "rollout_s": ro.rollout_s,
             "explained_variance":
                 1 - float(unexplained / masked_var(ro.returns, mask).clamp(min=1e-8)),
             **gold}

@@ -2,6 +2,7 @@
 tables of its accuracy by score gap (the paper's evidence for the threshold), batched scoring, and
 how far the RM and its split can be trusted, measured against a task's gold reward."""
 import math
+from dataclasses import replace
 
 import torch
 
@@ -136,3 +137,21 @@ def gold_checks(data, eval_gaps, rows, gaps, delta) -> dict:
             "easy_vs_gold": agreement(gaps[easy], split_gold[easy]),
             "hard_vs_gold": agreement(gaps[~easy], split_gold[~easy]),
             "pearson": pearson}
+
+
+def reward_model_shape(cfg, policy):
+    """The RM's shape: the policy's, with --rm.n_layer / n_head / n_embd where they are given."""
+    return replace(policy, **{k: getattr(cfg, k) or getattr(policy, k)
+                              for k in ("n_layer", "n_head", "n_embd")})
+
+
+def reward_model_start(base, sft_model, cfg) -> ScalarModel:
+    """The RM before training: the base LM (author) or the SFT model (--rm.init sft) under a new
+    scalar head; or, with --rm.n_layer / n_head / n_embd, a model of its own shape from scratch."""
+    shape = reward_model_shape(cfg, base.config)
+    if shape.n_embd % shape.n_head:
+        raise ValueError(f"argument --rm.n_embd: must be a multiple of the RM's {shape.n_head} "
+                         f"heads, got {shape.n_embd}")
+    if shape != base.config:
+        return ScalarModel(shape)
+    return ScalarModel.from_gpt(base if cfg.init == "base" else sft_model)

@@ -1,6 +1,7 @@
-"""A stage's bookkeeping, shared by the loops of train.train and ppo.ppo: resume from its
-checkpoint, the checkpoints, the lines of metrics.jsonl and samples.jsonl, the progress line with
-its rate and ETA, the stop on a value gone nan or inf, and the compute it spent."""
+"""A stage's bookkeeping, shared by the loops of train.train and ppo.ppo: the training rows' order
+(Batches), resume from its checkpoint, the checkpoints, the lines of metrics.jsonl and
+samples.jsonl, the progress line with its rate and ETA, the stop on a value gone nan or inf, and
+the compute it spent."""
 import json
 import math
 import sys
@@ -10,9 +11,39 @@ from pathlib import Path
 import torch
 
 from lab.checkpoints import atomic_save, load_checkpoint, load_weights, rng_state, set_rng_state
-from lab.devices import gather, is_main, mean_over_ranks, rank, sum_over_ranks
+from lab.devices import gather, is_main, mean_over_ranks, rank, sum_over_ranks, world_size
 from lab.progress import rate_eta, timestamp
 
+
+
+class Batches:
+    """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch,
+    so the position (epoch, index into that epoch's order) is all a checkpoint needs to resume
+    mid-epoch. The ragged tail of an epoch is dropped: every micro-batch has batch_size rows. Under
+    torchrun the ranks deal out one stream of micro-batches (rank r takes every world-th, like
+    DistributedSampler): N processes see the micro-batches that one process would see, N at a
+    time."""
+
+    def __init__(self, rows, batch_size: int, seed: int):
+        if not rows:
+            raise ValueError("no training rows")
+        batch_size = min(batch_size, len(rows))  # a set smaller than a batch is one batch
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.per_epoch = len(rows) // batch_size
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def __next__(self):
+        return [self._next() for _ in range(world_size())][rank()]
+
+    def _next(self):
+        if self.index + self.batch_size > len(self.rows):
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self.rows), generator=g).tolist())
+        picked = self._order[1][self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        return [self.rows[i] for i in picked]
 
 def _drop_log_lines_after(log_path: Path, stage: str, step: int):
     """Forget this stage's lines logged after `step`: the resumed run logs those steps again."""

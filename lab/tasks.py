@@ -1,9 +1,26 @@
 """The real datasets as tasks (data.load_task): a user's jsonl folder, HH-RLHF (helpful-base +
 harmless-base, the held-out data stratified by subset) and TL;DR (the SFT files and the comparison
 batches), their files found under --data_dir or the cache, or downloaded."""
-from data import Pair, Task, interleave, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
+import random
+
+from data import Task
+from lab.formats import Pair, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
 from lab.readers import (TLDR_BATCHES, find_files, hh_rlhf_file, read_jsonl_task,
                          tldr_comparisons_file, tldr_sft_file)
+
+
+def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, object]]:
+    """(group, item) for every item of every group, shuffled within its group, ordered so that every
+    prefix holds the groups in proportion to their sizes: the first k items are a stratified
+    sample."""
+    keyed = []
+    for g, (name, items) in enumerate(groups.items()):
+        items = list(items)
+        rng.shuffle(items)
+        keyed += [((i + 0.5) / len(items), g, name, x) for i, x in enumerate(items)]
+    keyed.sort(key=lambda k: k[:2])
+    return [(name, x) for _, _, name, x in keyed]
+
 
 
 def real_task(name: str, rng, data_dir=None, template: str = "author") -> Task:

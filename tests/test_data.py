@@ -21,7 +21,7 @@ import torch
 import data
 from data import DataError, Pair
 from helpers import encode  # one pair cut as data.encode_dataset cuts every row
-from lab import readers, tasks
+from lab import formats, readers, tasks
 from lab.weights import download_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -95,7 +95,7 @@ HH_ROWS = [
 @pytest.mark.parametrize("name", ["hh.jsonl", "hh.jsonl.gz"])
 def test_read_hh_rlhf(tmp_path, capsys, name):
     path = write_jsonl(tmp_path / name, HH_ROWS)
-    pairs, stats = data.read_hh_rlhf_stats(path)
+    pairs, stats = formats.read_hh_rlhf_stats(path)
     assert pairs == [Pair("\n\nHuman: Hi?" + A, " Hello!", " Go away."),
                      Pair("\n\nHuman: a" + A + " b\n\nHuman: c" + A, " done well", " done badly")]
     assert stats == {"rows": 5, "kept": 2, "prefix mismatch": 1, "empty": 1, "identical": 1}
@@ -109,7 +109,7 @@ def test_read_hh_rlhf_real_test_files(subset, rows, kept, mismatch):
     path = SHARED / "hh-rlhf" / subset / "test.jsonl.gz"
     if not path.exists():
         pytest.skip(f"{path} not present")
-    pairs, stats = data.read_hh_rlhf_stats(path)
+    pairs, stats = formats.read_hh_rlhf_stats(path)
     assert stats["rows"] == rows and stats["kept"] == kept == len(pairs)
     assert stats["prefix mismatch"] == mismatch
     assert stats["kept"] + stats["prefix mismatch"] + stats["empty"] + stats["identical"] == rows
@@ -147,13 +147,13 @@ def test_read_tldr_sft_published_and_dove_formats(tmp_path):
     dove = write_jsonl(tmp_path / "dove.jsonl", [
         {"instruction_id": "t3_c", "subreddit": "dogs", "title": "Dog", "instruction": "My dog barks.",
          "gold_response": "dog barks"}])
-    assert data.read_tldr_sft(published) == [
+    assert formats.read_tldr_sft(published) == [
         ("\n\nHuman: Please summarize the following text:\nMy cat sleeps.\n\nAssistant:", " cat sleeps")]
-    assert data.read_tldr_sft(dove, template="tldr") == [
+    assert formats.read_tldr_sft(dove, template="tldr") == [
         ("SUBREDDIT: r/dogs\n\nTITLE: Dog\n\nPOST: My dog barks.\n\nTL;DR:", " dog barks")]
     real = SHARED / "tldr" / "dove_tldr_test500.jsonl"
     if real.exists():
-        rows = data.read_tldr_sft(real, template="tldr")
+        rows = formats.read_tldr_sft(real, template="tldr")
         assert len(rows) == 500 and all(r.startswith(" ") and p.endswith("TL;DR:") for p, r in rows)
 
 
@@ -195,7 +195,7 @@ def test_bad_tldr_rows(tmp_path, row, problem):
         data.read_tldr_comparisons(path)
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"post": "p", "title": "t", "subreddit": "s"}])
     with pytest.raises(DataError, match=f'^{re.escape(str(sft))}:1: missing field "summary"'):
-        data.read_tldr_sft(sft)
+        formats.read_tldr_sft(sft)
 
 
 @pytest.fixture
@@ -311,7 +311,7 @@ def test_tldr_posts_are_shortened_at_a_line_break_keeping_header_and_instruction
     tok = data.get_tokenizer("byte")
     post = "line one is here\nline two is here\nline three"
     info = {"post": post, "title": "a title", "subreddit": "sub"}
-    prompt = data._tldr_prompt(info, "post", template, "x")
+    prompt = formats._tldr_prompt(info, "post", template, "x")
     head, tail = prompt.split(post)
     fit = lambda n: data.encode_dataset(tok, [prompt], n, 8, prompt_cut="post")  # noqa: E731
     assert fit(len(prompt)) == [list(prompt.encode())]
@@ -328,12 +328,12 @@ def test_tldr_posts_are_shortened_at_a_line_break_keeping_header_and_instruction
 def test_interleave_is_a_stratified_shuffle():
     import random
     groups = {"a": list(range(30)), "b": list(range(100, 110))}
-    order = data.interleave(groups, random.Random(0))
+    order = tasks.interleave(groups, random.Random(0))
     assert sorted(x for _, x in order) == sorted(groups["a"] + groups["b"])
     for k in (4, 8, 20, 40):  # every prefix holds the groups 3 : 1, as their sizes
         assert abs(sum(g == "b" for g, _ in order[:k]) - k / 4) <= 1
     assert [x for g, x in order if g == "a"] != groups["a"]  # shuffled within a group
-    assert data.interleave(groups, random.Random(0)) == order
+    assert tasks.interleave(groups, random.Random(0)) == order
 
 
 def test_collate_sft_right_padding_and_masks():

@@ -94,7 +94,7 @@ def test_bf16_and_activation_checkpointing_run_the_pipeline_and_print_the_memory
 
 def test_evaluation_per_subset_adds_up_to_the_whole(tmp_path):
     from lab.pipeline import Data, RunConfig
-    from mpo import EvalConfig, compare_to_sft
+    from lab.evaluate import EvalConfig, compare_to_sft
     from model import GPT, GPTConfig, ScalarModel
     torch.manual_seed(0)
     tok = get_tokenizer("byte")
