@@ -24,6 +24,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 DEMO_TOPICS = {  # each topic's words, best first; the topic in DEMO_CLASH is the bad one
     "sea": "fish wave boat crab reef".split(),
@@ -94,20 +95,24 @@ class DemoConfig:
 # neutral and clashing words, longer, more repeats.
 GENERATORS = {"sft": ((0.05, 0.15, 0.6, 0.15, 0.05), (0.4, 0.3, 0.2, 0.1), 0.05),
               "other": ((0.02, 0.08, 0.4, 0.3, 0.2), (0.25, 0.15, 0.45, 0.15), 0.1)}
+# the same weights summed up once, as random.choices would each call (the same draws, faster)
+CUMULATIVE = {name: (list(accumulate(lengths)), list(accumulate(pools)), repeat)
+              for name, (lengths, pools, repeat) in GENERATORS.items()}
+# each topic's four word pools: its own words, other topics', neutral, the clashing topic's
+POOLS = {t: (ws, [w for o, wo in DEMO_TOPICS.items() if o not in (t, DEMO_CLASH[t]) for w in wo],
+             DEMO_NEUTRAL, DEMO_TOPICS[DEMO_CLASH[t]]) for t, ws in DEMO_TOPICS.items()}
 
 
 def _demo_response(rng: random.Random, topic: str, n: int, source: str = "sft") -> str:
     """A response of mixed quality from one of the GENERATORS."""
-    lengths, pool_weights, repeat = GENERATORS[source]
-    others = [w for t, ws in DEMO_TOPICS.items() if t not in (topic, DEMO_CLASH[topic]) for w in ws]
-    length = max(1, n + rng.choices((-2, -1, 0, 1, 2), lengths)[0])
+    lengths, pool_weights, repeat = CUMULATIVE[source]
+    length = max(1, n + rng.choices((-2, -1, 0, 1, 2), cum_weights=lengths)[0])
     words = []
     for _ in range(length):
         if words and rng.random() < repeat:
             words.append(rng.choice(words))  # occasional repeat
             continue
-        pools = (DEMO_TOPICS[topic], others, DEMO_NEUTRAL, DEMO_TOPICS[DEMO_CLASH[topic]])
-        pool = rng.choices(pools, pool_weights)[0]
+        pool = rng.choices(POOLS[topic], cum_weights=pool_weights)[0]
         words.append(rng.choice(pool))
     return " " + " ".join(words)
 

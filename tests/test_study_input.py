@@ -1,6 +1,8 @@
 """A study refuses bad input before it starts: its flags, a second study on the same --out, a user's
-task with nothing usable in it; and single runs name the file of a line or a checkpoint they cannot
-use. python -m pytest -q tests/test_study_input.py"""
+task with nothing usable in it; and runs name the file of a line, a checkpoint or a gold function
+they cannot use. Each case runs `python mpo.py` in a subprocess of its own session and checks the
+exit code, the one line, that no process of the run is left (/proc) and what --out holds.
+python -m pytest -q tests/test_study_input.py"""
 import json
 import re
 import subprocess
@@ -10,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import mpo
-from lab.readers import DataError, read_jsonl
 from model import GPT, GPTConfig
-from test_robust import error_of  # mpo.main's one line "mpo: error: ..."
+from test_study_signals import session
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--sft.max_steps", "2",
@@ -25,20 +25,35 @@ def write_jsonl(path, rows):
     return path
 
 
+def mpo_error(argv, timeout=120) -> str:
+    """`python mpo.py argv` in a session of its own must exit 1 with one line "mpo: error: ..." on
+    stderr's last line, leaving no process behind; returns that line."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "mpo.py"), *map(str, argv)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and stderr.strip(), stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("mpo: error: ") and len(line) < 400, line
+    assert not session(proc.pid)  # no seed's process, no resource tracker
+    return line
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--seeds", "100000"], "argument --seeds: must be at most 1000, got 100000"),
     (["--sweep", "inf"], "argument --sweep: expected multiples > 0 separated by commas"),
     (["--sweep", "1,nan"], "argument --sweep: expected multiples > 0 separated by commas"),
 ])
-def test_study_flags_are_bounded_before_anything_runs(argv, expected, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        mpo.main([*argv, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert expected in err and max(map(len, err.splitlines())) < 400
-    assert not (tmp_path / "out").exists()
+def test_study_flags_are_bounded_before_anything_runs(argv, expected, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "mpo.py"), *argv, "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and expected in proc.stderr.splitlines()[-1]  # argparse's usage error
+    assert max(map(len, proc.stderr.splitlines())) < 400 and not (tmp_path / "out").exists()
 
 
-def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path, capsys):
+def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; "
                                f"sys.path.insert(0, {str(REPO)!r}); from lab import runs; "
@@ -46,13 +61,24 @@ def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path, capsys):
                                "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        message = error_of(["--out", str(out), *TINY, "--seeds", "3"], capsys)
+        message = mpo_error(["--out", out, *TINY, "--seeds", "3"])
         assert message == (f"mpo: error: {out}: in use by another run (pid {holder.pid}, which holds "
                            f"{out / '.lock'}); wait for it to end, or use another --out")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no seed started
+        assert holder.poll() is None  # the first is undisturbed
     finally:
         holder.kill()
         holder.wait()
+
+
+def user_task(tmp_path, train=None, test=None):
+    """A user's task folder: four pairs, train.jsonl and test.jsonl replaced where given."""
+    task = tmp_path / "task"
+    task.mkdir()
+    pairs = [{"prompt": f"Q: {i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(4)]
+    write_jsonl(task / "train.jsonl", train(pairs) if train else pairs)
+    write_jsonl(task / "test.jsonl", test(pairs) if test else pairs)
+    return task, ["--dataset", "jsonl", "--data_dir", task, "--tokenizer", "byte", "--preset", "demo", *TINY]
 
 
 @pytest.mark.parametrize("seeds", ["1", "2"])
@@ -60,52 +86,51 @@ def test_a_second_study_on_the_same_out_is_refused_at_once(tmp_path, capsys):
     ("train", "train.jsonl", "no usable preference pair once encoded"),
     ("test", "test.jsonl", "no usable held-out prompt once encoded"),
 ])
-def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, seeds, tmp_path, capsys):
-    task = tmp_path / "task"
-    task.mkdir()
-    pairs = [{"prompt": f"Q: {i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(4)]
+def test_a_task_with_nothing_usable_stops_before_out_changes(bad, where, what, seeds, tmp_path):
     if bad == "train":  # every pair's two responses the same
-        write_jsonl(task / "train.jsonl", [p | {"rejected": p["chosen"]} for p in pairs])
-        write_jsonl(task / "test.jsonl", pairs)
+        task, argv = user_task(tmp_path, train=lambda pairs: [p | {"rejected": p["chosen"]} for p in pairs])
     else:  # every held-out prompt empty
-        write_jsonl(task / "train.jsonl", pairs)
-        write_jsonl(task / "test.jsonl", [p | {"prompt": ""} for p in pairs])
+        task, argv = user_task(tmp_path, test=lambda pairs: [p | {"prompt": ""} for p in pairs])
     out = tmp_path / "out"
-    message = error_of(["--dataset", "jsonl", "--data_dir", str(task), "--tokenizer", "byte",
-                        "--preset", "demo", "--seeds", seeds, "--out", str(out), *TINY], capsys)
-    assert message.startswith(f"mpo: error: {task / where}: {what}")
+    assert mpo_error([*argv, "--seeds", seeds, "--out", out]).startswith(f"mpo: error: {task / where}: {what}")
     assert not out.exists()  # a fresh --out stays untouched, also by a study's seeds
 
 
-def test_a_line_too_deep_or_a_number_too_long_names_its_file_and_line(tmp_path):
-    deep = write_jsonl(tmp_path / "deep.jsonl", [{"prompt": "p"}])
-    deep.write_text(deep.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(DataError, match=rf"^{deep}:2: JSON nested too deeply to read$"):
-        list(read_jsonl(deep))
-    long = tmp_path / "long.jsonl"
-    long.write_text('{"prompt": 1' + "0" * 5000 + "}\n")
-    with pytest.raises(DataError, match=rf"^{long}:1: unreadable JSON \(Exceeds the limit"):
-        list(read_jsonl(long))
+@pytest.mark.parametrize("line, what", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+    ('{"prompt": 1' + "0" * 5000 + "}", r"unreadable JSON \(Exceeds the limit"),
+], ids=["too deep", "number too long"])
+def test_a_line_too_deep_or_a_number_too_long_names_its_file_and_line(line, what, tmp_path):
+    task, argv = user_task(tmp_path)
+    (task / "train.jsonl").write_text((task / "train.jsonl").read_text() + line + "\n")
+    out = tmp_path / "out"
+    assert re.match(rf"mpo: error: {re.escape(str(task / 'train.jsonl'))}:5: {what}", mpo_error([*argv, "--out", out]))
+    assert not out.exists()
 
 
-def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path, capsys):
+def test_init_weights_holding_nan_name_the_file_and_tensor(tmp_path):
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
     with torch.no_grad():
         gpt.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     gpt.save_pretrained(tmp_path / "nan")
     with pytest.raises(ValueError, match=r"model.safetensors: (transformer\.)?h\.0\.mlp\.c_fc\.weight holds NaN"):
         GPT.from_pretrained(tmp_path / "nan")
-    message = error_of(["--init", str(tmp_path / "nan"), "--seeds", "1", "--out", str(tmp_path / "out"),
-                        "--device", "cpu", "--demo.pairs_train", "300"], capsys)
-    assert "h.0.mlp.c_fc.weight holds NaN or inf weights" in message and not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    message = mpo_error(["--init", tmp_path / "nan", "--seeds", "1", "--out", out, "--device", "cpu",
+                         "--demo.pairs_train", "300"])
+    assert f"{tmp_path / 'nan' / 'model.safetensors'}" in message
+    assert "h.0.mlp.c_fc.weight holds NaN or inf weights" in message and not out.exists()
 
 
-def test_a_gold_function_that_exits_is_one_line_naming_it(tmp_path):
-    from lab.readers import load_gold_reward
+@pytest.mark.parametrize("seeds", ["1", "2"])
+def test_a_gold_function_that_exits_is_one_line_naming_it(seeds, tmp_path):
+    task, argv = user_task(tmp_path)
     (tmp_path / "gold.py").write_text("import sys\ndef gold(prompt, response):\n    sys.exit(3)\n")
     spec = f"{tmp_path / 'gold.py'}:gold"
-    with pytest.raises(ValueError, match=rf"^--gold_reward {spec}: raised SystemExit: 3 on prompt 'p'$"):
-        load_gold_reward(spec, ("p", " r"))
+    out = tmp_path / "out"
+    message = mpo_error([*argv, "--gold_reward", spec, "--seeds", seeds, "--out", out])
+    assert message.startswith(f"mpo: error: --gold_reward {spec}: raised SystemExit: 3 on prompt ")
+    assert not out.exists()
 
 
 def test_a_gold_function_that_does_not_return_is_reported_while_the_run_waits(tmp_path, capsys):

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/sel
                                 reason="a study runs seeds side by side on a CPU with 2 cores or more (Linux)")
 
 
-def start(out):
+def start(out, *extra):
     """`python mpo.py` on the long study, in a session of its own (its id: the process's pid)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "mpo.py"), "--out", str(out), *LONG], cwd=REPO,
+    return subprocess.Popen([sys.executable, str(REPO / "mpo.py"), "--out", str(out), *LONG, *extra], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -51,7 +51,7 @@ def wait_for(condition, timeout, what):
 
 
 def training(out, seed) -> bool:
-    log = out / f"seed_{seed}" / "log.txt"
+    log = out / (f"seed_{seed}" if seed != "shared" else "shared") / "log.txt"
     return log.exists() and re.search(r"^sft \d+/20000 \|", log.read_text(), re.M) is not None
 
 
@@ -109,3 +109,20 @@ def test_a_seed_whose_process_dies_is_named_with_its_stage_and_log(tmp_path):
                         rf"{re.escape(str(out / 'seed_0' / 'log.txt'))}; finished seeds and stages are kept, "
                         r"rerun with the same --out to go on", line), line
     wait_for(lambda: not session(proc.pid), 10, "end of every process of the study")
+
+
+def test_a_signal_in_the_shared_phase_stops_it_in_its_stage_before_any_seed(tmp_path):
+    out = tmp_path / "out"
+    proc = start(out, "--study", "shared")  # SFT and the RM made once, in OUT/shared, before the seeds
+    try:
+        wait_for(lambda: training(out, "shared"), 120, "shared SFT training")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"mpo: interrupted in stage sft ({out / 'shared' / 'sft'}); rerun with the same --out to resume")
+    wait_for(lambda: not session(proc.pid), 10, "end of every process of the study")
+    assert sorted(p.name for p in out.iterdir()) == ["shared"]  # no seed started, the lock released
+    assert (out / "shared" / "sft" / "settings.json").exists()  # resumable
