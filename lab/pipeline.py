@@ -106,6 +106,9 @@ class Data:
 def load_data(run: RunConfig, eval_prompts: int, demo: DemoConfig) -> Data:
     """The task --dataset names (and its gold reward, or --gold_reward's), encoded and cut to the
     run's lengths (data.encode_dataset); --max_train / --max_eval take the first rows only."""
+    if run.dataset == "demo" and run.max_train:  # the demo's pairs come one after another from
+        # one stream: the first --max_train of them are the same when no more are drawn (3x faster)
+        demo = replace(demo, pairs_train=min(demo.pairs_train, run.max_train))
     task = load_task(run.dataset, run.data_seed, run.data_dir or None, run.template, demo)
     if run.gold_reward:  # tried once here, before anything under --out changes
         sample = (task.pairs_eval[0].prompt, task.pairs_eval[0].chosen)

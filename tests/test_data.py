@@ -11,6 +11,7 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -443,6 +444,17 @@ def test_demo_task_reproducible_and_held_out():
     assert all(p.chosen != p.rejected and p.chosen.startswith(" ") for p in task.pairs_train)
     small = data.load_task("demo", seed=3, demo=data.DemoConfig(sft_train=10, pairs_train=7, prompts_eval=20))
     assert (len(small.sft_train), len(small.pairs_train), len(small.prompts_eval)) == (10, 7, 20)
+    # The pairs come one after another: fewer of them are the first ones (what --max_train draws alone)
+    assert data.load_task("demo", seed=0, demo=data.DemoConfig(pairs_train=50)) == replace(
+        task, pairs_train=task.pairs_train[:50])
+
+
+def test_a_run_with_max_train_sees_the_demo_pairs_a_whole_task_would_give_it():
+    from lab.pipeline import RunConfig, load_data
+    run = RunConfig(max_train=40, max_eval=30)
+    whole, cut = (load_data(replace(run, max_train=m), 8, data.DemoConfig(pairs_train=500)) for m in (0, 40))
+    assert cut.pairs_train == whole.pairs_train[:40] and cut.sft_train == whole.sft_train[:40]
+    assert cut.pairs_eval == whole.pairs_eval and cut.prompts_eval == whole.prompts_eval
 
 
 def test_demo_gold_reward_terms():
