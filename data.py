@@ -4,9 +4,10 @@ in demo.py), and tokenising / truncating / padding rows into batches.
     python data.py                    # build the demo task, print examples and gold statistics
     python data.py hh-rlhf DATA_DIR   # load a real task (downloads to ~/.cache/mpo/data if online)
 
-Left to the lab: the published formats (lab/formats.py: HH-RLHF's dialogues, TL;DR's comparisons,
-the prompt cuts that keep their structure), validating every line, downloads, a user's jsonl task
-and the gold import (lab/readers.py).
+Left to the lab: the published formats (lab/formats.py: Pair, a prompt with its chosen and
+rejected responses; HH-RLHF's dialogues, TL;DR's comparisons, the prompt cuts that keep their
+structure), validating every line, downloads, a user's jsonl task and the gold import
+(lab/readers.py).
 """
 import random
 import sys

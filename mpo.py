@@ -76,7 +76,7 @@ class RMConfig(TrainConfig):
     weight_decay: float = 0.1
     margin: float = 0.0        # Bradley-Terry margin: chosen must win by this much (Llama 2)
     center_coef: float = 0.0   # reward centring, coef * (r_c + r_r)^2 (Eisenstein et al. 2023)
-    init: str = "base"         # reward_model_start: from "base" (author) or "sft"
+    init: str = "base"         # lab.rm.reward_model_start: from "base" (author) or "sft"
     n_layer: int = 0           # the RM's own shape, from scratch; 0 = the policy's (and init above)
     n_head: int = 0
     n_embd: int = 0
@@ -142,8 +142,8 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id):
         raise ValueError(f"--split.source must be 'resample' or 'human', got {split.source!r}")
     prompts = [row[0] for row in pairs] if split.pairs_per_row else distinct_prompts(pairs)
     draws = [list(p) for p in prompts for _ in range(2 * split.pairs_per_prompt)]  # each pair: 2
-    responses = sample_responses(sft_model, draws, eos_id, run, batch_size, 1.0, 50, 0.9,
-                                 "resample: SFT samples")
+    responses = sample_responses(sft_model, draws, eos_id, run, batch_size, temperature=1.0,
+                                 top_k=50, top_p=0.9, name="resample: SFT samples")
     scores = torch.cat(batch_scores(rm, list(zip(draws, responses)), collate_sft, batch_size,
                                     device, run.dtype, "resample: RM scores"))
     rows, gaps = [], []
@@ -250,11 +250,13 @@ def mpo_stages(lab, cfgs, data, sft_model, rm, easy, hard):
 
 def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     """MPO from a `base` model on an encoded task with the stage configs `cfgs`; returns
-    compare_to_sft's (results, samples). `data` (lab.pipeline.Data) holds token ids: sft_train /
-    sft_eval (prompt, response), pairs_train / pairs_eval (prompt, chosen, rejected), prompts_eval,
-    and the task's tokenizer `tok` and gold reward. `lab` (lab/pipeline.py) runs the run folder:
-    lab.stage(name, fn, model, ...) is fn(model, ..., out_dir=out/name)'s model, or on a rerun the
-    model loaded from out/name/final.pt; lab.pairs caches the pairs in out/pairs_<source>.pt."""
+    lab.evaluate.compare_to_sft's (results, samples). `data` (lab.pipeline.Data) holds token ids:
+    sft_train / sft_eval (prompt, response), pairs_train / pairs_eval (prompt, chosen, rejected),
+    prompts_eval, and the task's tokenizer `tok` and gold reward. `lab` (lab/pipeline.py) runs the
+    run folder: lab.stage(name, fn, model, ...) is fn(model, ..., out_dir=out/name)'s model, or on
+    a rerun the model loaded from out/name/final.pt; lab.pairs caches the pairs in
+    out/pairs_<source>.pt; lab.budget(easy, hard) is `cfgs`, the stages' steps cut to a common
+    budget under --budget."""
     # 1. SFT
     sft_model = lab.stage("sft", sft, trainable_copy(base), data.sft_train, cfgs["sft"],
                           eval_examples=data.sft_eval)
@@ -273,7 +275,7 @@ def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     if lab.wants("mpo"):  # in --methods
         models["mpo"] = mpo_stages(lab, lab.budget(easy, hard), data, sft_model, rm, easy, hard)
     models |= lab.ablations(sft_model, rm)  # --variants: MPO's stages with other split settings
-    # 6. Every model against the SFT model
+    # Last: every model against the SFT model (RM score, win rate, KL to SFT, gold; --eval.*)
     return compare_to_sft(models, rm, data, cfgs["run"], cfgs["eval"])
 
 

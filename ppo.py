@@ -40,9 +40,12 @@ and the author's DeepSpeed-Chat based code, numbered for this file, which cites 
 
 Left to the lab: the stage's bookkeeping (lab/stage.py: resume, checkpoints, log lines, the NaN
 stop), the evaluation and log statistics (lab/ppo_eval.py), torchrun's ranks (lab/devices.py).
+As a function:
 
     models = Models(policy, ref=copy.deepcopy(policy), reward_model=rm, critic=copy.deepcopy(rm))
-    policy, metrics = ppo(models, prompts, tok, PPOConfig(), "out/run")  # tests/test_ppo.py
+    policy, metrics = ppo(models, prompts, tok, PPOConfig(), "out/run")
+
+Tests: python -m pytest -q tests/test_ppo.py
 """
 import math
 import time
@@ -281,7 +284,8 @@ def value_loss(values, old_values, returns, clip):
 
 def ppo_update(models, opts, ro, cfg, generator):
     """cfg.ppo_epochs epochs over minibatches of the rollout `ro` (detail 14), each minibatch one
-    step of the actor's and the critic's optimizers `opts`; returns token-mean statistics."""
+    step of the actor's and the critic's optimizers `opts`; returns token-mean statistics and
+    its seconds."""
     start, policy, critic = time.time(), models.policy, models.critic
     device = ro.seq.device
     sums = defaultdict(float)

@@ -10,10 +10,10 @@ every `eval_every` steps and a log line every `log_every`.
     metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/sft", "sft",
                     collate)
 
-The lab keeps the rest: lab/stage.py the stage's bookkeeping (the rows' order, reshuffled each
-epoch; resume from the last checkpoint, bit-identical on CPU; the checkpoints, log lines, progress
-and the NaN stop), lab/devices.py the
-device, autocast and DDP under torchrun (the ranks share each step's grad_accum micro-batches).
+The lab keeps the rest: lab/stage.py the stage's bookkeeping (Batches: the rows' order, reshuffled
+each epoch; resume from the last checkpoint, bit-identical on CPU; the checkpoints, log lines,
+progress and the NaN stop), lab/devices.py the device, autocast and DDP under torchrun (the ranks
+share each step's grad_accum micro-batches).
 Tests: python -m pytest -q tests/test_train.py
 """
 import math

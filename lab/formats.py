@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lab.readers import DataError, get_field, read_rows
 
+
 @dataclass(frozen=True)
 class Pair:
     prompt: str

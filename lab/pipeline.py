@@ -126,7 +126,7 @@ def load_data(run: RunConfig, eval_prompts: int, demo: DemoConfig) -> Data:
                 encode(task.pairs_train[:limit], "pairs_train"),
                 encode(task.pairs_eval[:eval_limit], "pairs_eval"),
                 gold_reward=task.gold_reward, gold_best=task.gold_best)
-    kept = []  # stratified by subset where the task has them (data.interleave)
+    kept = []  # stratified by subset where the task has them (lab.tasks.interleave)
     data.prompts_eval = encode(task.prompts_eval[:eval_prompts], "prompts_eval", kept)
     data.subsets = [task.eval_subsets[i] for i in kept] if task.eval_subsets else None
     for rows, what, stem in ((data.sft_train, "SFT example", "sft_train"),

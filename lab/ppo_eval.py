@@ -17,8 +17,8 @@ def decode(tok, prompt_ids, ro):
 
 def rollout_stats(ro, rewards, mask, kl_coef, pairs, gold_reward=None) -> dict:
     """What an iteration logs about its rollout: mean score, RLHF reward, KL to the reference (k1,
-    per response), length, share ending with EOS, the critic's explained variance, its seconds, and the mean
-    gold reward of the decoded (prompt, response) `pairs` when the task has one."""
+    per response), length, share ending with EOS, the critic's explained variance, its seconds, and
+    the mean gold reward of the decoded (prompt, response) `pairs` when the task has one."""
     unexplained = masked_var(ro.returns - ro.values, mask)
     gold = {"gold": sum(gold_reward(p, r) for p, r in pairs) / len(pairs)} if gold_reward else {}
     return {"score": float(ro.scores.mean()),

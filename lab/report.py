@@ -19,8 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def subset_results(results: dict, scores: dict, subsets: list, cfg):
-    """mpo.compare_to_sft per subset of the held-out prompts (`subsets`: one name per prompt):
-    each model's RM score and win rate against the SFT model, under results[name]["subsets"]."""
+    """lab.evaluate.compare_to_sft per subset of the held-out prompts (`subsets`: one name per
+    prompt): each model's RM score and win rate against the SFT model, under
+    results[name]["subsets"]."""
     per_sample = [s for s in subsets for _ in range(cfg.samples)]
     for subset in dict.fromkeys(subsets):
         inside = torch.tensor([x == subset for x in per_sample])

@@ -1,6 +1,7 @@
 """The reward model's plumbing around mpo.train_reward_model: the normalisation of its scores, the
-tables of its accuracy by score gap (the paper's evidence for the threshold), batched scoring, and
-how far the RM and its split can be trusted, measured against a task's gold reward."""
+tables of its accuracy by score gap (the paper's evidence for the threshold), batched scoring, how
+far the RM and its split can be trusted, measured against a task's gold reward, and where the RM
+starts (the base LM under a new head, or a shape of its own)."""
 import math
 from dataclasses import replace
 

@@ -15,7 +15,6 @@ from lab.devices import gather, is_main, mean_over_ranks, rank, sum_over_ranks, 
 from lab.progress import rate_eta, timestamp
 
 
-
 class Batches:
     """Endless micro-batches of rows, reshuffled each epoch by a generator seeded with seed + epoch,
     so the position (epoch, index into that epoch's order) is all a checkpoint needs to resume
@@ -44,6 +43,7 @@ class Batches:
         picked = self._order[1][self.index:self.index + self.batch_size]
         self.index += self.batch_size
         return [self.rows[i] for i in picked]
+
 
 def _drop_log_lines_after(log_path: Path, stage: str, step: int):
     """Forget this stage's lines logged after `step`: the resumed run logs those steps again."""

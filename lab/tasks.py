@@ -22,7 +22,6 @@ def interleave(groups: dict[str, list], rng: random.Random) -> list[tuple[str, o
     return [(name, x) for _, _, name, x in keyed]
 
 
-
 def real_task(name: str, rng, data_dir=None, template: str = "author") -> Task:
     """The task `name` ("jsonl", "hh-rlhf" or "tldr") before its training rows are shuffled; `rng`
     orders the held-out rows (files come grouped by subset or batch)."""
