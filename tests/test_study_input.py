@@ -25,18 +25,18 @@ def write_jsonl(path, rows):
     return path
 
 
-def mpo_error(argv, timeout=120) -> str:
-    """`python mpo.py argv` in a session of its own must exit 1 with one line "mpo: error: ..." on
-    stderr's last line, leaving no process behind; returns that line."""
+def mpo_error(argv, timeout=120, code=1, starts="mpo: error: ") -> str:
+    """`python mpo.py argv` in a session of its own must exit `code` with one line "mpo: error: ..."
+    on stderr's last line, leaving no process behind; returns that line."""
     proc = subprocess.Popen([sys.executable, str(REPO / "mpo.py"), *map(str, argv)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-    assert proc.returncode == 1 and stderr.strip(), stderr[-2000:]
+    assert proc.returncode == code and stderr.strip(), stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
-    assert line.startswith("mpo: error: ") and len(line) < 400, line
+    assert line.startswith(starts) and len(line) < 400, line
     assert not session(proc.pid)  # no seed's process, no resource tracker
     return line
 
@@ -130,6 +130,17 @@ def test_a_gold_function_that_exits_is_one_line_naming_it(seeds, tmp_path):
     out = tmp_path / "out"
     message = mpo_error([*argv, "--gold_reward", spec, "--seeds", seeds, "--out", out])
     assert message.startswith(f"mpo: error: --gold_reward {spec}: raised SystemExit: 3 on prompt ")
+    assert not out.exists()
+
+
+def test_a_gold_function_that_raises_keyboard_interrupt_is_an_interrupt(tmp_path):
+    # raised inside the function or by Ctrl-C while it runs: the two cannot be told apart
+    task, argv = user_task(tmp_path)
+    (tmp_path / "gold.py").write_text("def gold(prompt, response):\n    raise KeyboardInterrupt\n")
+    out = tmp_path / "out"
+    line = mpo_error([*argv, "--gold_reward", f"{tmp_path / 'gold.py'}:gold", "--out", out], code=130,
+                     starts="mpo: interrupted")
+    assert line == "mpo: interrupted outside the training stages; rerun with the same --out to resume"
     assert not out.exists()
 
 
