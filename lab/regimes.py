@@ -3,7 +3,7 @@ answer): each cell a 10-seed study of every method and arm on one SFT model and 
 and the picture that sum the cells up.
 
     python -m lab.regimes run off x1    # one cell, in out/regimes/off_x1/
-    python -m lab.regimes report        # out/regimes/table.md, gold_vs_flops.png: the cells so far
+    python -m lab.regimes report        # out/regimes/table.md, gold_vs_flops.png: the cells run
     python -m lab.regimes task DIR      # the second gold task (sorting digits): --dataset jsonl
 
 A regime's cells share its SFT model, RM and resampled pairs (they do not depend on the budget):
