@@ -1,13 +1,11 @@
 """Data for mpo: tokenizers, the tasks (the default, a synthetic task with a known gold reward, is
 in demo.py), and tokenising / truncating / padding rows into batches.
 
-    python data.py                    # build the demo task, print examples and gold statistics
-    python data.py hh-rlhf DATA_DIR   # load a real task (downloads to ~/.cache/mpo/data if online)
-
 Left to the lab: the published formats (lab/formats.py: Pair, a prompt with its chosen and
 rejected responses; HH-RLHF's dialogues, TL;DR's comparisons, the prompt cuts that keep their
-structure), validating every line, downloads, a user's jsonl task and the gold import
-(lab/readers.py).
+structure), validating every line, downloads to ~/.cache/mpo/data, a user's jsonl task, the gold
+import and decoding what a gold reward reads (lab/readers.py). To look at a task's rows:
+`python -m lab.tasks [demo|hh-rlhf|tldr|jsonl] [DATA_DIR]`.
 """
 import random
 import sys
@@ -18,7 +16,7 @@ import tiktoken
 import torch
 
 from demo import DEMO_VOCAB, DemoConfig, demo_gold_reward, make_demo_task
-from demo import DEMO_WORDS, demo_best_gold  # noqa: F401 (offered here too, as data.*)
+from demo import DEMO_WORDS  # noqa: F401 (offered here too, as data.*)
 from lab.formats import Pair, cut_post, cut_turns
 from lab.formats import read_hh_rlhf, read_tldr_comparisons  # noqa: F401 (offered as data.*)
 from lab.readers import DataError, gpt2_encoding  # noqa: F401 (DataError offered as data.*)
@@ -45,11 +43,6 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
     if name == "gpt2":
         return gpt2_encoding()  # tiktoken's, its files fetched on first use (lab/readers.py)
     raise ValueError(f"unknown tokenizer {name!r} (valid: {', '.join(TOKENIZERS)})")
-
-
-def decode_text(tok, ids) -> str:
-    """The text of token ids without their <|endoftext|>: what a gold reward and a reader see."""
-    return tok.decode([t for t in ids if t != tok.eot_token])
 
 
 def _ids(tok: tiktoken.Encoding, text: str) -> list[int]:
@@ -81,12 +74,13 @@ def load_task(name: str, seed: int = 0, data_dir=None, template: str = "author",
     or "tldr" (tldr_3_filtered SFT files + the Reddit comparison batches; `template` picks the
     prompt format). Real files (lab/tasks.py) are looked up under data_dir first (same layout as
     the cache: hh-rlhf/<subset>/<split>.jsonl.gz, tldr/...)."""
+    from lab.tasks import demo_best_gold, real_task  # the lab imports this file
     if name == "demo":
-        sft_train, sft_eval, train, test, prompts, best = make_demo_task(demo or DemoConfig(), seed)
+        sft_train, sft_eval, train, test, prompts = make_demo_task(demo or DemoConfig(), seed)
+        best = sum(map(demo_best_gold, prompts)) / len(prompts)  # the top of the study's room
         return Task(name, sft_train, sft_eval, [Pair(*p) for p in train],
                     [Pair(*p) for p in test], prompts, demo_gold_reward, "demo", best)
     rng = random.Random(seed)  # files come grouped by subset / batch; mix them once, reproducibly
-    from lab.tasks import real_task  # the lab imports this file
     task = real_task(name, rng, data_dir, template)
     for field in ("sft_train", "pairs_train", "pairs_eval", "prompts_eval"):
         if not getattr(task, field):
@@ -178,18 +172,3 @@ def collate_prompts(prompts: list) -> dict:
         tokens[i, tokens.shape[1] - len(p):] = torch.tensor(list(p))
     attention_mask = torch.arange(tokens.shape[1]) >= (tokens.shape[1] - lengths)[:, None]
     return dict(tokens=tokens, attention_mask=attention_mask)
-
-
-if __name__ == "__main__":
-    task = load_task(sys.argv[1] if len(sys.argv) > 1 else "demo",
-                     data_dir=sys.argv[2] if len(sys.argv) > 2 else None)
-    print({k: len(v) for k, v in vars(task).items() if isinstance(v, list)})
-    for prompt, response in task.sft_train[:3]:
-        print(f"SFT  {prompt!r} -> {response[:200]!r}")
-    for pair in task.pairs_train[:3]:
-        print(f"PAIR {pair.prompt[-200:]!r}\n  chosen   {pair.chosen[:200]!r}\n"
-              f"  rejected {pair.rejected[:200]!r}")
-    if task.gold_reward:
-        gold = torch.tensor([task.gold_reward(p, r) for p, r in task.sft_train])
-        print(f"gold of SFT responses: mean {gold.mean():.2f}, std {gold.std():.2f}, "
-              f"max {gold.max():.2f}")

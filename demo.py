@@ -13,12 +13,12 @@ the banned word; a bonus of 1 rewards a first and last word that differ but star
 letter -- an interaction of two positions that a reward model must discover from noisy pairs alone.
 SFT responses are drawn from a broad mixture (topic words, neutral and other topics' words, some
 clashing words, occasional repeats and wrong lengths): gold -0.2 on average with std 1.7, while the
-best response to a prompt scores 3.25 to 6 (4.8 on average). The preference pairs come from the
-same mixture, or with --demo.pairs_source other from another one (off-policy pairs). Preference
-labels follow Bradley-Terry, P(a > b) = sigmoid((gold(a) - gold(b)) / noise_temperature), so
-small-gap pairs are noisy like human labels. Evaluation prompts are held out: they never appear in
-the training data. The demo's tokenizer (data.get_tokenizer("demo")) makes every word of DEMO_VOCAB
-one token, so the policy cannot misspell and a reader reads words.
+best response to a prompt scores 3.25 to 6 (4.8 on average; lab.tasks.demo_best_gold). The
+preference pairs come from the same mixture, or with --demo.pairs_source other from another one
+(off-policy pairs). Preference labels follow Bradley-Terry, P(a > b) = sigmoid((gold(a) - gold(b)) /
+noise_temperature), so small-gap pairs are noisy like human labels. Evaluation prompts are held out:
+they never appear in the training data. The demo's tokenizer (data.get_tokenizer("demo")) makes
+every word of DEMO_VOCAB one token, so the policy cannot misspell and a reader reads words.
 """
 import math
 import random
@@ -40,7 +40,7 @@ DEMO_NEUTRAL = "red big old blue tiny soft".split()
 DEMO_WORDS = [w for ws in DEMO_TOPICS.values() for w in ws] + DEMO_NEUTRAL
 DEMO_GOOD_VALUES = (1.5, 1.25, 1.0, 0.75, 0.5)
 DEMO_COUNTS = (3, 4, 5)
-_DEMO_PROMPT = re.compile(r"(\w+), (\d) words, no (\w+):")
+DEMO_PROMPT = re.compile(r"(\w+), (\d) words, no (\w+):")
 # every piece of the demo's prompts and responses ("sea", " fish", " words", " 4"), one token each
 DEMO_VOCAB = list(dict.fromkeys(
     [*DEMO_TOPICS, *(" " + w for w in [*DEMO_TOPICS, *DEMO_WORDS, "words", "no", *"0123456789"])]))
@@ -60,7 +60,7 @@ def demo_gold_reward(prompt: str, response: str) -> float:
          - 3 * (the banned word is used)
          + 1 * (first and last word differ and start with the same letter)
     An unparsable prompt contributes no topic, count or ban terms."""
-    m = _DEMO_PROMPT.fullmatch(prompt)
+    m = DEMO_PROMPT.fullmatch(prompt)
     topic, n, ban = (m[1], int(m[2]), m[3]) if m and m[1] in DEMO_TOPICS else (None, None, None)
     words = response.split()
     values = dict(zip(DEMO_TOPICS[topic], DEMO_GOOD_VALUES)) if topic else {}
@@ -117,28 +117,10 @@ def _demo_response(rng: random.Random, topic: str, n: int, source: str = "sft") 
     return " " + " ".join(words)
 
 
-def demo_best_gold(prompt: str) -> float:
-    """The highest gold reward any response to a demo prompt can get: n distinct non-banned words
-    with the highest values, with the same-initial bonus when two of them (first and last) can share
-    a letter."""
-    m = _DEMO_PROMPT.fullmatch(prompt)
-    topic, n, ban = m[1], int(m[2]), m[3]
-    value = dict.fromkeys(DEMO_WORDS, 0.0) | dict.fromkeys(DEMO_TOPICS[DEMO_CLASH[topic]], -1.0)
-    value |= dict(zip(DEMO_TOPICS[topic], DEMO_GOOD_VALUES))
-    words = sorted((w for w in DEMO_WORDS if w != ban), key=value.get, reverse=True)
-    best = sum(value[w] for w in words[:n])
-    for a in words:  # the bonus pair first and last, the n - 2 best of the rest between them
-        for b in words:
-            if a < b and a[0] == b[0]:
-                rest = [value[w] for w in words if w not in (a, b)][:n - 2]
-                best = max(best, value[a] + value[b] + 1.0 + sum(rest))
-    return best
-
-
 def make_demo_task(cfg: DemoConfig, seed: int = 0) -> tuple:
-    """(sft_train, sft_eval, pairs_train, pairs_eval, prompts_eval, gold_best): SFT rows (prompt,
-    response), labelled pairs (prompt, chosen, rejected), the held-out prompts, and the best gold
-    reward achievable, mean over them. data.load_task makes them a Task."""
+    """(sft_train, sft_eval, pairs_train, pairs_eval, prompts_eval): SFT rows (prompt, response),
+    labelled pairs (prompt, chosen, rejected) and the held-out prompts; data.load_task makes them a
+    Task."""
     space = [(t, n, b) for t in DEMO_TOPICS for n in DEMO_COUNTS for b in DEMO_WORDS]  # 648 prompts
     held = random.Random(seed).sample(space, cfg.prompts_eval)
     train = sorted(set(space) - set(held))
@@ -167,5 +149,4 @@ def make_demo_task(cfg: DemoConfig, seed: int = 0) -> tuple:
 
     return (sft(cfg.sft_train, train, "sft_train"), sft(cfg.sft_eval, held, "sft_eval"),
             pairs(cfg.pairs_train, train, "pairs_train"), pairs(cfg.pairs_eval, held, "pairs_eval"),
-            [demo_prompt(*p) for p in held],
-            sum(demo_best_gold(demo_prompt(*p)) for p in held) / len(held))
+            [demo_prompt(*p) for p in held])

@@ -15,10 +15,9 @@ reference is frozen. With h the difference of log-ratios,
     from dpo import DPOConfig, dpo
     policy, metrics = dpo(policy, ref, encoded_pairs, DPOConfig(beta=0.3), "out/run")
 
-`encoded_pairs` are (prompt_ids, chosen_ids, rejected_ids) triples from data.encode_dataset. The
-lab keeps the fast log-prob kernel and the reference's log-probs computed once (lab/speed.py: the
-same numbers with less memory and time).
-Tests: python -m pytest -q tests/test_dpo.py
+`encoded_pairs`: (prompt_ids, chosen_ids, rejected_ids) from data.encode_dataset. Left to the lab
+(lab/speed.py): the fast log-prob kernel and the reference's log-probs computed once, the same
+numbers in less memory and time. Tests: python -m pytest -q tests/test_dpo.py
 """
 from dataclasses import dataclass
 
@@ -52,8 +51,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     if loss_type == "sigmoid":  # eq. 7: Bradley-Terry on implicit rewards; eps > 0 is cDPO
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
                   - label_smoothing * F.logsigmoid(-beta * h))
-    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17
-        # on summed log-probs (TRL averages them over tokens)
+    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17, on summed log-probs (TRL: token means)
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
@@ -73,12 +71,10 @@ def token_logps(logits, tokens):
 def response_logps(model, batch):
     """Summed response log-probs of every row of a collated batch. logits[:, t] predicts
     tokens[:, t + 1], and loss_mask selects the targets (response tokens + EOS). The LM head runs
-    only from the position that predicts the first response token of the shortest prompt
-    (min prompt_len - 1)."""
+    only from the position that predicts the shortest prompt's first response token."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
     start = max(int(batch["prompt_lens"].min()) - 1, 0)
-    # The last position predicts nothing: no forward on it, and no logits slice to backpropagate
-    # through.
+    # the last position predicts nothing: no forward on it
     logits = model(tokens[:, :-1], logits_from=start)
     return (token_logps(logits, tokens[:, start + 1:]) * mask[:, start + 1:]).sum(-1)
 
@@ -110,8 +106,7 @@ def dpo(policy, ref, pairs, cfg: DPOConfig, out_dir, eval_pairs=None, stage="dpo
     if ref is policy:  # frozen below, and the loss would sit at ln 2 forever (TRL refuses it too)
         raise ValueError("dpo: ref is the policy itself; pass a frozen copy, "
                          "e.g. copy.deepcopy(sft_model)")
-    device = pick_device(cfg.device)
-    ref.to(device).eval().requires_grad_(False)
+    ref.to(pick_device(cfg.device)).eval().requires_grad_(False)
     collate = collate_pairs
     if cfg.precompute_ref:  # the reference's log-probs once, as data: no reference forward a step
         pairs, eval_pairs, collate = with_ref_logps(response_logps, ref, pairs, eval_pairs, cfg,

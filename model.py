@@ -1,6 +1,6 @@
 """GPT-2 in plain PyTorch, batched sampling with a KV cache, and the scalar-head model used as
-reward model and PPO critic. Left to the lab: Hugging Face checkpoint I/O (lab/weights.py) and the
-decoding speed tricks (lab/speed.py).
+reward model and PPO critic. Left to the lab: Hugging Face checkpoint I/O (lab/weights.py) and
+decoding's speed tricks (lab/speed.py).
 
     from model import GPT, GPTConfig
     gpt = GPT.from_pretrained("gpt2")  # a hub name (cached in ~/.cache/mpo/gpt2), or a directory
@@ -8,8 +8,8 @@ decoding speed tricks (lab/speed.py).
     gpt.save_pretrained("out/sft")     # loads in transformers.GPT2LMHeadModel.from_pretrained
 
 Padding: a (B, T) attention_mask (1 = real token) works for left and right padding; positions are
-cumsum(mask) - 1 so pads do not shift them. Right-padded training batches need no mask at all:
-causal attention already hides the later pads. Tests: python -m pytest -q tests/test_model.py
+cumsum(mask) - 1. Right-padded training batches need no mask: causal attention hides later pads.
+Tests: python -m pytest -q tests/test_model.py
 """
 import copy
 import math
@@ -70,8 +70,8 @@ class CausalSelfAttention(nn.Module):
                    for t in self.c_attn(x).split(C, dim=2))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # No mask: plain causal attention (the flash kernel on CUDA); a single new token attends to
-        # every cached key, so it needs neither mask nor is_causal (which SDPA aligns top-left).
+        # No mask: causal (flash on CUDA). One new token attends to every cached key: no is_causal,
+        # which SDPA aligns top-left (the token would see only the first key).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -136,20 +136,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def body(self, idx, attention_mask=None, position_ids=None, cache=None):
+    def body(self, idx, attention_mask=None, cache=None):
         """Final hidden states (B, T, C) after ln_f. With a cache, attention_mask covers the cached
         keys too: shape (B, cache.pos + T)."""
         B, T = idx.shape
         past = 0 if cache is None else cache.pos
-        if position_ids is None and attention_mask is None:
+        if attention_mask is None:
             position_ids = torch.arange(past, past + T, device=idx.device)
-        elif position_ids is None:  # pads do not shift positions (TRL: cumsum of the mask)
+            mask = None if past == 0 or T == 1 else sdpa_mask(idx.new_ones(B, past + T), T)
+        else:  # pads do not shift positions (TRL: cumsum of the mask)
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
-        if attention_mask is None and (past == 0 or T == 1):
-            mask = None
-        else:
-            keys = attention_mask if attention_mask is not None else idx.new_ones(B, past + T)
-            mask = sdpa_mask(keys, T)
+            mask = sdpa_mask(attention_mask, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
             if self.config.grad_checkpoint and torch.is_grad_enabled():
@@ -161,12 +158,10 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, logits_from=0):
+    def forward(self, idx, attention_mask=None, logits_from=0):
         """Logits (B, T - logits_from, V): the 50k-wide LM head runs only where they are needed."""
-        # contiguous: for a frozen model (the reference) matmul runs the strided (B, T', C) slice as
-        # a batched matmul against a B-times expanded weight, 1.6x slower than the one GEMM it is
-        return self.lm_head(
-            self.body(idx, attention_mask, position_ids)[:, logits_from:].contiguous())
+        # contiguous: for a frozen model a strided slice runs as a batched matmul, 1.6x slower
+        return self.lm_head(self.body(idx, attention_mask)[:, logits_from:].contiguous())
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  attention_mask=None, pad_id=0, generator=None):
@@ -178,25 +173,19 @@ class GPT(nn.Module):
             return fast.generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
                                  attention_mask, pad_id, generator)
         B, T = idx.shape
-        if attention_mask is None:
-            lengths = torch.full((B,), T, device=idx.device)
-        else:
-            lengths = attention_mask.sum(1)
-        if int(lengths.max()) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens "
+        longest = T if attention_mask is None else int(attention_mask.sum(1).max())
+        if longest + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens "
                              f"is longer than block_size {self.config.block_size}")
-        # `out` is made outside inference mode: callers run autograd forwards on the tokens later
-        out = torch.full((B, T + max_new_tokens), pad_id, dtype=torch.long, device=idx.device)
-        out[:, :T] = idx
+        # made outside inference mode: callers run autograd forwards on the tokens later
+        out = F.pad(idx, (0, max_new_tokens), value=pad_id)
         with torch.inference_mode():  # like no_grad, less per-op overhead for the tiny decode ops
-            key_mask = None
-            if attention_mask is not None:  # pad keys stay hidden in the prefill and every step
-                key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
-                key_mask[:, :T] = attention_mask.bool()
+            key_mask = None  # pad keys stay hidden in the prefill and every step
+            if attention_mask is not None:
+                key_mask = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
             cache = KVCache(self.config.n_layer, T + max_new_tokens)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            # "all rows done?" copies a flag to the host, which stalls a GPU: ask every few steps
-            check_every = eos_check_every(idx.device)
+            check_every = eos_check_every(idx.device)  # "all done?" stalls a GPU: ask now and then
             # Prefill the prompts once; left-padded, the last column is each row's last real token
             h = self.body(idx, None if key_mask is None else key_mask[:, :T], cache=cache)[:, -1]
             for i in range(max_new_tokens):
@@ -216,9 +205,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name, cache_dir=None):
-        """Load a Hugging Face GPT-2 checkpoint: a directory holding config.json and
-        model.safetensors (or pytorch_model.bin), one of those weight files, or a hub name
-        (lab.weights.HUB_NAMES)."""
+        """Load a Hugging Face GPT-2 checkpoint: a directory (config.json and model.safetensors or
+        pytorch_model.bin), one of those weight files, or a hub name (lab.weights.HUB_NAMES)."""
         return load_gpt2(cls, path_or_name, cache_dir)
 
     def save_pretrained(self, directory):
@@ -240,9 +228,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one already reach top_p
         drop[:, 0] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    # Inverse-CDF sampling: one uniform per row, where torch.multinomial draws V exponentials per
-    # row (most of a decode step at V = 50257). u lies in (0, 1], so the first index with cdf >= u *
-    # total never lands on a zero-probability token: its cdf equals the one before it.
+    # Inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials). u in
+    # (0, 1]: the first index with cdf >= u * total never has zero probability.
     cdf = logits.softmax(-1).cumsum(-1)
     u = 1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
@@ -261,8 +248,7 @@ class ScalarModel(nn.Module):
         super().__init__()
         self.gpt = gpt if gpt is not None else GPT(config)
         self.head = nn.Linear(config.n_embd, 1, bias=False)
-        # N+ reward-head init
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))  # N+'s head init
         # Reward normalisation (N+ detail 11): score = (head - offset) * gain, 0 and 1 until set.
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("gain", torch.ones(()))
@@ -279,10 +265,8 @@ class ScalarModel(nn.Module):
             return (self.head(h.float()).squeeze(-1) - self.offset) * self.gain
 
     def score(self, idx, attention_mask=None, lengths=None):
-        """(B,) the reward of each row, read at its last real token (the EOS of prompt + response).
-        A right-padded batch may pass its lengths instead of a mask: causal attention already hides
-        the pads after the last token (the fast SDPA path); else the mask says where each row ends,
-        left or right padding."""
+        """(B,) the reward of each row, read at its last real token (the EOS of the response). A
+        right-padded batch may pass its lengths instead of a mask (the fast causal path)."""
         if lengths is None:
             positions = torch.arange(idx.size(1), device=idx.device)
             lengths = (attention_mask.long() * positions).argmax(1) + 1

@@ -1,18 +1,15 @@
 """Mixed Preference Optimization (Gou & Nguyen 2024, arXiv 2403.19443): SFT, a reward model, then
 DPO on the pairs the reward model finds easy and PPO on the prompts it finds hard.
 
-The method in the paper's order, one section each: SFT, the reward model, resampling and scoring,
-the split at the reward gap (the paper's data selection), MPO's two stages (its two-stage training:
-DPO on the easy pairs, then PPO on the hard prompts from the DPO model, also PPO's KL reference);
-last, `mpo()`, the whole algorithm in one function, ending with the evaluation against SFT.
-Left to the lab: the run folder, baselines and ablations (lab/pipeline.py), the RM's start, its
-normalisation, gap tables and batched scoring (lab/rm.py), batched sampling and the evaluation
-(lab/evaluate.py), the command line (lab/cli.py).
+The method in the paper's order, a section each: SFT, the reward model, resampling and scoring,
+the split at the reward gap (the paper's data selection), the two stages (its two-stage training),
+and last `mpo()`, the whole algorithm in one function. Left to the lab: the run folder, baselines
+and ablations (lab/pipeline.py), the RM's start, normalisation, gap tables and batched scoring
+(lab/rm.py), batched sampling and the evaluation (lab/evaluate.py), the command line (lab/cli.py).
 
     from mpo import SFTConfig, sft, RMConfig, train_reward_model
     policy, metrics = sft(gpt, encoded_examples, SFTConfig(), "out/run")
-    rm, metrics = train_reward_model(model.ScalarModel.from_gpt(gpt), encoded_pairs, RMConfig(),
-                                     "out/rm")
+    rm, metrics = train_reward_model(model.ScalarModel.from_gpt(gpt), pairs, RMConfig(), "out/rm")
 
 Tests: python -m pytest -q tests/test_stages.py tests/test_mpo.py
 """
@@ -66,9 +63,8 @@ def sft(model, examples, cfg: SFTConfig, out_dir, eval_examples=None):
 
 @dataclass
 class RMConfig(TrainConfig):
-    # The author's RM script: lr 5e-6 (DeepSpeed-Chat's small-model example: 5e-5); weight decay
-    # 0.1, cosine, 1 epoch (RMs overfit preference data fast). Effective batch 64 = DS-Chat's 8 per
-    # GPU x 8.
+    # The author's RM script: lr 5e-6 (DeepSpeed-Chat's small-model example: 5e-5), weight decay
+    # 0.1, cosine, 1 epoch (RMs overfit preference data fast), batch 64 (DS-Chat's 8 per GPU x 8).
     lr: float = 5e-6
     batch_size: int = 8
     grad_accum: int = 8
@@ -80,9 +76,7 @@ class RMConfig(TrainConfig):
     n_layer: int = 0           # the RM's own shape, from scratch; 0 = the policy's (and init above)
     n_head: int = 0
     n_embd: int = 0
-    normalize: bool = False    # after training: gain and bias so SFT responses score mean 0, std
-                               # 1 (N+ detail 11), on the first 500 SFT training rows (shuffled
-                               # by --data_seed): held-out data stay unseen
+    normalize: bool = False    # after training, SFT responses rescaled to mean 0, std 1 (N+ 11)
 
 
 def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
@@ -126,12 +120,11 @@ def distinct_prompts(rows) -> list:
 
 
 def make_pairs(sft_model, rm, pairs, split, run, eos_id):
-    """The pairs to split, as encoded (prompt, chosen, rejected), and their gaps r(chosen) -
-    r(rejected). "resample" (author's code): two SFT samples per training row with
-    split.pairs_per_row (author; TL;DR repeats posts), else per distinct prompt (pairs_per_prompt
-    pairs each, one after another), at temperature 1, top-k 50, top-p 0.9, the higher-scored one
-    chosen, so every gap is >= 0. "human": the dataset's own pairs; a negative gap means the RM
-    disagrees with the label, and |gap| decides the side all the same."""
+    """The pairs to split, encoded (prompt, chosen, rejected), and their gaps r(chosen) -
+    r(rejected). "resample" (author's code): two SFT samples per training row (or per distinct
+    prompt, see SplitConfig), the higher-scored one chosen, so every gap is >= 0. "human": the
+    dataset's own pairs; a negative gap means the RM disagrees with the label, and |gap| decides
+    the side all the same."""
     device = pick_device(run.device)
     seq = run.max_prompt_len + run.max_response_len
     batch_size = split.batch_size or sampling_batch(sft_model.config, seq, device)
@@ -159,24 +152,19 @@ def make_pairs(sft_model, rm, pairs, split, run, eos_id):
 
 @dataclass
 class SplitConfig:
-    source: str = "resample"    # "resample": two SFT samples per row ranked by the RM (author);
-                                # "human": the dataset's pairs
+    source: str = "resample"    # two SFT samples per row ranked by the RM (author), or "human"
     delta: float = 1.0          # |gap| >= delta is easy (author: 1 on HH-RLHF, 2 on TL;DR)
-    quantile: float = 0.0       # > 0: delta = this quantile of |gap| instead (an RM of unknown
-                                # scale)
+    quantile: float = 0.0       # > 0: delta = this quantile of |gap| (an RM of unknown scale)
     stage2_ref: str = "dpo"     # PPO's KL reference: "dpo" (MPO) or "sft" (ablation)
-    order: str = "easy_first"   # "easy_first": DPO on easy, PPO on hard (MPO); "hard_first": the
-                                # reverse (ablation)
-    select: str = "gap"         # "gap": easy at |gap| >= delta (MPO); "random": as many easy pairs
-                                # drawn at random (ablation: does the gap matter?)
+    order: str = "easy_first"   # DPO on easy, PPO on hard (MPO); "hard_first": reversed (ablation)
+    select: str = "gap"         # easy at |gap| >= delta (MPO); "random": as many easy pairs at
+                                # random (ablation)
     ppo_prompts: str = "hard"   # stage 2 on the "hard" prompts (MPO) or on "all" (ablation)
     seed: int = 0               # select "random"'s draw
-    pairs_per_row: bool = True  # resample: a pair per training row (author; TL;DR repeats posts),
-                                # else per prompt
-    pairs_per_prompt: int = 1   # resample: this many pairs per row or prompt; a prompt's side is
-                                # then set by the mean |gap| of its pairs, not one draw
-    batch_size: int = 0         # sampling and scoring batch; 0 = 32 on a CPU, sized from free
-                                # memory on a GPU
+    pairs_per_row: bool = True  # resample per training row (author; TL;DR repeats posts), or
+                                # per distinct prompt
+    pairs_per_prompt: int = 1   # this many resampled pairs each; their mean |gap| sets the side
+    batch_size: int = 0         # sampling and scoring; 0 = 32 on a CPU, from free memory on a GPU
 
 
 def split_by_reward_gap(gaps, delta):
@@ -201,9 +189,8 @@ def gap_threshold(gaps, split: SplitConfig) -> float:
 
 
 def split_indices(gaps, split: SplitConfig) -> tuple:
-    """(easy_index, hard_index) at the split's threshold, or for the ablations: as many easy pairs
-    at random (select "random"; a prompt's pairs stay together), the two sides swapped (order
-    "hard_first")."""
+    """(easy_index, hard_index) at the split's threshold; ablations: as many easy pairs drawn at
+    random (a prompt's pairs together), or the two sides swapped."""
     easy, hard = split_by_reward_gap(prompt_gaps(gaps, split), gap_threshold(gaps, split))
     if split.select == "random":
         k = split.pairs_per_prompt if split.source == "resample" else 1
@@ -265,7 +252,7 @@ def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     rm = lab.stage("rm", train_reward_model, reward_model_start(base, sft_model, cfgs["rm"]),
                    data.pairs_train, cfgs["rm"], eval_pairs=data.pairs_eval,
                    reference_examples=data.sft_train[:500] if cfgs["rm"].normalize else None)
-    # 3. Resample two SFT responses per prompt and score them; 4. split at the reward gap
+    # 3. Resample pairs from the SFT model (or take the dataset's) and score them; 4. split them
     rows, gaps = lab.pairs(cfgs["split"], make_pairs, sft_model, rm, data.pairs_train,
                            cfgs["split"], cfgs["run"], data.tok.eot_token)
     easy, hard = easy_and_hard(rows, gaps, cfgs["split"])
@@ -279,17 +266,17 @@ def mpo(cfgs: dict, data, base, lab) -> tuple[dict, dict]:
     return compare_to_sft(models, rm, data, cfgs["run"], cfgs["eval"])
 
 
-# The command line is the lab's (lab/cli.py), which imports this file.
+# The command line is the lab's (lab/cli.py, which imports this file): `python mpo.py --help`.
 
 def parse_args(argv=None) -> dict:
-    """{group: config} from the command line: `python mpo.py --help` lists every flag."""
+    """{group: config} from the command line."""
     from lab.cli import parse_args
     return parse_args(argv)
 
 
 def main(argv=None):
-    """`python mpo.py [flags]`: the study (one run by default on real data) and its report;
-    `python mpo.py sample|export ...`: use what a run trained (lab/use.py)."""
+    """`python mpo.py [flags]`: the study and its report; `python mpo.py sample|export ...`: use
+    what a run trained (lab/use.py)."""
     from lab.cli import main
     main(argv)
 

@@ -10,37 +10,31 @@ from the DPO model, which is also the reference; the critic starts from the RM.
 One iteration of `ppo()`: pick prompts -> rollout (sample; log-probs, values, RM scores) ->
 KL-shaped rewards -> GAE -> PPO epochs -> log / eval / save.
 
-Implementation details, from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)
-and the author's DeepSpeed-Chat based code, numbered for this file, which cites them as "detail N"
-(not the paper's own numbers, which the other files' "N+ detail N" cite):
- 1. Dropout off in policy, reference, RM and critic (eval mode) so the ratio starts at exactly 1.
- 2. Left-padded prompts, positions from the attention mask: a padded row scores like an unpadded
-    one.
- 3. Rollouts sample with the KV cache; pure sampling (no top-k / top-p) by default, so the samples
-    come from the distribution PPO assumes.
+Implementation details ("The N+ Implementation Details of RLHF with PPO", Huang et al. 2024, and
+the author's DeepSpeed-Chat based code), cited here as "detail N" (elsewhere "N+ detail N" is N+'s
+own numbering):
+ 1. Dropout off in all four networks (eval mode), so the ratio starts at exactly 1.
+ 2. Left-padded prompts, positions from the attention mask: a padded row scores as an unpadded one.
+ 3. Rollouts sample with the KV cache, pure sampling by default (no top-k / top-p): the
+    distribution PPO assumes.
  4. Log-probs (policy and reference) use logits / temperature: the distribution actually sampled.
  5. Truncate after the first EOS; masks keep pads out of the KL, the advantages and every loss.
- 6. The RM scores the truncated text at its last real token, the EOS.
+ 6. The RM scores the truncated text at its last real token (the EOS, when it ended).
  7. EOS trick: a response that never ends has `missing_eos_penalty` subtracted from its score.
  8. RM scores clipped to [-5, 5] (DeepSpeed-Chat, the author's code).
- 9. Per-token KL penalty -kl_coef * (log pi - log ref) on every response token; the score is added
-    on the last real token (the EOS) itself, not on the slot after it as in N+ and TRL. Author
-    (default): the per-token log-ratio is clamped at 0 from below, so the KL term only ever
-    penalises and a token the policy finds less likely than the reference earns no bonus. Optional
-    adaptive coefficient.
+ 9. Per-token KL penalty -kl_coef * (log pi - log ref); the score added on the last real token
+    (N+, TRL: the slot after it). Author (default): the log-ratio clamped at 0 from below, so the
+    KL term never pays a bonus. Optional adaptive coefficient.
 10. The critic is a separate network initialised from the RM; values after the last token are 0.
 11. GAE with gamma 1, lambda 0.95 over the response tokens; returns = advantages + values.
-12. Optional whitening (off, as the author) of the advantages, with masked statistics of the whole
-    batch (all ranks), and of the rewards.
+12. Optional whitening (off, as the author) of the rewards and advantages: masked, whole batch.
 13. Clipped surrogate (0.2) and clipped value loss (0.2, x 0.5 x vf_coef); masked token means.
 14. Epochs over minibatches reshuffled each epoch, micro-batches with gradient accumulation.
-15. AdamW eps 1e-5, separate actor and critic learning rates, warm-up then cosine decay, grad
-    clipping.
+15. AdamW eps 1e-5, separate actor and critic learning rates, warm-up then cosine, grad clipping.
 16. Reference log-probs, old log-probs and old values computed once per rollout, under no_grad.
 
-Left to the lab: the stage's bookkeeping (lab/stage.py: resume, checkpoints, log lines, the NaN
-stop), the evaluation and log statistics (lab/ppo_eval.py), torchrun's ranks (lab/devices.py).
-As a function:
+Left to the lab: the stage's bookkeeping (lab/stage.py), the evaluation and log statistics
+(lab/ppo_eval.py), torchrun's ranks (lab/devices.py). As a function:
 
     models = Models(policy, ref=copy.deepcopy(policy), reward_model=rm, critic=copy.deepcopy(rm))
     policy, metrics = ppo(models, prompts, tok, PPOConfig(), "out/run")
@@ -116,8 +110,8 @@ class PPOConfig:
 
 @dataclass
 class Models:
-    """The four networks of PPO-RLHF. The policy and the critic are trained; the reference and the
-    reward model stay frozen, so they must be other objects (copies) than the two trained ones."""
+    """The four networks of PPO-RLHF: the policy and the critic are trained, the reference and the
+    reward model frozen, so those two must be copies, not the trained objects themselves."""
     policy: nn.Module        # pi: the language model (model.GPT) being trained
     ref: nn.Module           # pi_ref: the KL penalty's anchor (detail 9), frozen
     reward_model: nn.Module  # scores a whole response (model.ScalarModel), frozen
@@ -125,13 +119,12 @@ class Models:
 
     def __post_init__(self):
         if self.ref is self.policy or self.critic is self.reward_model:
-            # the copy would be trained, or the original frozen
             raise ValueError("ppo: pass copies: ref = copy.deepcopy(policy), "
                              "critic = copy.deepcopy(reward_model)")
 
     def prepare(self, device):
-        """All four on the device in eval mode, for good: no dropout, also while training, so the
-        first ratio is exactly 1 (detail 1). The reference and the RM frozen."""
+        """All four on the device in eval mode for good, also while training (detail 1); the
+        reference and the RM frozen."""
         for model in (self.policy, self.ref, self.reward_model, self.critic):
             model.to(device).eval()
         self.ref.requires_grad_(False)
@@ -166,14 +159,9 @@ class Rollout:
         return replace(self, **{name: getattr(self, name)[idx] for name in tensors})
 
 
-def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum softmax(z) z, per position."""
-    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-
-
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std with statistics over the real tokens only (detail 12), of every rank's rows
-    under torchrun (lab/devices.py); pads stay 0."""
+    """(x - mean) / std over the real tokens of every rank's rows (detail 12), plus the mean again
+    when not shift_mean (rewards keep their level); pads stay 0."""
     mean = masked_mean(x, mask)
     out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
     return (out if shift_mean else out + mean) * mask
@@ -181,8 +169,7 @@ def masked_whiten(x, mask, shift_mean=True):
 
 def response_logits(model, seq, attn, P, temperature):
     """Logits (B, R, V) predicting the response tokens seq[:, P:], divided by the sampling
-    temperature (detail 4). Position t predicts token t + 1, so the LM head runs from P - 1 on, not
-    on the prompt."""
+    temperature (detail 4). Position t predicts token t + 1: the LM head runs from P - 1 on."""
     logits = model(seq[:, :-1], attention_mask=attn[:, :-1], logits_from=P - 1)
     return logits.float() / temperature
 
@@ -285,18 +272,16 @@ def value_loss(values, old_values, returns, clip):
 def ppo_update(models, opts, ro, cfg, generator):
     """cfg.ppo_epochs epochs over minibatches of the rollout `ro` (detail 14), each minibatch one
     step of the actor's and the critic's optimizers `opts`; returns token-mean statistics and
-    its seconds."""
+    update_s, its seconds."""
     start, policy, critic = time.time(), models.policy, models.critic
     device = ro.seq.device
     sums = defaultdict(float)
     n_all = 0.0
     for _ in range(cfg.ppo_epochs):
-        # Exactly num_minibatches optimizer steps, also under torchrun where ranks may hold
-        # unequal rollouts.
+        # exactly num_minibatches steps, also when torchrun's ranks hold unequal rollouts
         order = torch.randperm(len(ro.seq), generator=generator).to(device)
         for mb in order.tensor_split(cfg.num_minibatches):
-            # masked token mean over the whole minibatch (detail 13), of all ranks: DDP averages
-            # gradients
+            # the masked token mean over the whole minibatch of every rank (detail 13)
             n_tokens = all_reduce_mean(ro.mask[mb].sum().float())
             for idx in [i for i in mb.split(cfg.micro_batch_size) if len(i)]:
                 b = ro.rows(idx)
@@ -307,7 +292,8 @@ def ppo_update(models, opts, ro, cfg, generator):
                 logp = token_logps(logits, b.responses)
                 pg, ratio, pg_clipped = policy_loss(logp, b.logp, b.advantages, cfg.clip_range)
                 vf, vf_clipped = value_loss(new_values, b.values, b.returns, cfg.clip_range_value)
-                entropy = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
+                z = logits if cfg.ent_coef else logits.detach()  # H = logsumexp(z) - E_pi[z]
+                entropy = z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1)
                 loss = pg + cfg.vf_coef * vf - cfg.ent_coef * entropy
                 ((loss * m).sum() / n_tokens).backward()
                 with torch.no_grad():
@@ -326,9 +312,8 @@ def ppo_update(models, opts, ro, cfg, generator):
 
 
 def optimizers(models, cfg, device):
-    """AdamW for the actor and for the critic (detail 15). Fused: one pass per parameter instead of
-    a dozen elementwise ones, 5x faster steps on CPU (fused as train.adamw; here AdamW's default
-    betas and weight decay on every parameter)."""
+    """AdamW for the actor and for the critic (detail 15), fused as train.adamw; default betas,
+    and cfg.weight_decay (0) on every parameter."""
     fused = torch.device(device).type in ("cuda", "cpu")
     return tuple(torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps,
                                    weight_decay=cfg.weight_decay, fused=fused)
@@ -342,12 +327,12 @@ def adaptive_kl_coef(kl_coef, kl, n, cfg):
 
 def pick_prompts(prompts, it, cfg) -> tuple[list, int]:
     """Iteration `it`'s share of a pass over the prompts (each pass in a new order), each
-    samples_per_prompt times, and their number. Under torchrun each rank samples its share (a rank
-    left with none takes the first prompt: every rank must join each gradient all-reduce)."""
+    samples_per_prompt times, and their number; under torchrun, this rank's part of them."""
     epoch, k = divmod(it, math.ceil(len(prompts) / cfg.prompts_per_step))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
     picked = order.tolist()[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
     batch = [prompts[i] for i in picked for _ in range(cfg.samples_per_prompt)]
+    # a rank left with none takes the first prompt: every rank joins each gradient all-reduce
     return batch[rank()::world_size()] or batch[:1], len(batch)
 
 

@@ -7,14 +7,11 @@ accumulation, clipping at 1.0, bf16 autocast on CUDA (fp32 on CPU unless --dtype
 every `eval_every` steps and a log line every `log_every`.
 
     from train import TrainConfig, train
-    metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(lr=1e-4), "out/sft", "sft",
-                    collate)
+    metrics = train(model, loss_fn, rows, eval_rows, TrainConfig(), "out/sft", "sft", collate)
 
-The lab keeps the rest: lab/stage.py the stage's bookkeeping (Batches: the rows' order, reshuffled
-each epoch; resume from the last checkpoint, bit-identical on CPU; the checkpoints, log lines,
-progress and the NaN stop), lab/devices.py the device, autocast and DDP under torchrun (the ranks
-share each step's grad_accum micro-batches).
-Tests: python -m pytest -q tests/test_train.py
+Left to the lab: the stage's bookkeeping (lab/stage.py: the rows' order, reshuffled each epoch;
+resume, bit-identical on CPU; checkpoints, log lines, progress, the NaN stop), the device,
+autocast and DDP under torchrun (lab/devices.py). Tests: python -m pytest -q tests/test_train.py
 """
 import math
 from dataclasses import dataclass
@@ -31,23 +28,20 @@ from lab.stage import Batches, StageRun
 class TrainConfig:
     lr: float = 1e-5          # peak learning rate
     batch_size: int = 8       # rows per micro-batch (for DPO and the RM a row is a pair)
-    grad_accum: int = 4       # micro-batches per optimizer step: effective batch = batch_size x
-                              # grad_accum
+    grad_accum: int = 4       # micro-batches per optimizer step (effective batch: the product)
     epochs: float = 1.0       # passes over the training rows, used when max_steps is 0
     max_steps: int = 0        # optimizer steps; 0 = derive from epochs
     warmup_steps: int = 0     # linear warm-up to lr over this many steps
     decay: str = "cosine"     # "cosine" or "linear" decay to 0 after the warm-up, or "constant"
     weight_decay: float = 0.0  # AdamW decoupled weight decay, on >= 2-D parameters only
     grad_clip: float = 1.0    # clip the global gradient norm to this
-    eval_every: int = 100     # steps between evaluations (also at step 0 and at the end); 0 = end
-                              # only
+    eval_every: int = 100     # steps between evaluations, also at step 0 and the end (0: end)
     log_every: int = 10       # steps between train log lines
     ckpt_every: int = 500     # steps between checkpoints (there is always one at the end)
     seed: int = 0
     device: str = "auto"      # "auto" = cuda when available, else cpu
     dtype: str = "auto"       # autocast: "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False     # torch.compile the model for the forward passes
-
 
 
 def optimizer_steps(cfg: TrainConfig, rows: int) -> int:
@@ -79,17 +73,16 @@ def adamw(model, cfg: TrainConfig, device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused: one pass over each parameter instead of a dozen elementwise ones; on CPU (torch >= 2.4)
-    # it made the step 5x faster for bench.py's default model, whose 50k-row embedding dominates
+    # fused: one pass over each parameter, not a dozen elementwise ones (CPU: 5x faster steps
+    # for bench.py's model, whose 50k-row embedding dominates)
     fused = torch.device(device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 @torch.no_grad()
 def eval_loss(model, loss_fn, rows, collate, cfg: TrainConfig, name: str = "eval") -> dict:
-    """Mean of loss_fn's loss and metrics over all rows, in batches of cfg.batch_size, weighted by
-    rows per batch. Under torchrun each rank evaluates its shard of the rows and the sums are
-    gathered."""
+    """Mean of loss_fn's loss and metrics over all rows, in batches of cfg.batch_size (under
+    torchrun, each rank's shard)."""
     batch_size, device = cfg.batch_size, pick_device(cfg.device)
     model.eval()
     sums = {}

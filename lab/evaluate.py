@@ -5,10 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from data import collate_prompts, collate_sft, decode_text
+from data import collate_prompts, collate_sft
 from dpo import response_logps
 from lab.devices import autocast, map_batches, pick_device, rank, shard, to_device, unshard
 from lab.progress import progress
+from lab.readers import decode_text
 from lab.report import subset_results
 from lab.rm import batch_scores
 from model import response_mask

@@ -4,9 +4,9 @@ from collections import defaultdict
 
 import torch
 
-from data import decode_text
 from lab.devices import masked_var, rank, shard, sum_over_ranks
 from lab.progress import progress
+from lab.readers import decode_text
 
 
 def decode(tok, prompt_ids, ro):

@@ -3,7 +3,8 @@ stops with one `file:line: what is wrong` line), and the published HH-RLHF and T
 under a --data_dir or downloaded once into a cache.
 
 A user's own task (`--dataset jsonl`, read_jsonl_task) is a folder of JSON-lines files in TRL's
-formats, with an optional gold reward imported from the user's file (load_gold_reward).
+formats, with an optional gold reward imported from the user's file (load_gold_reward), which
+reads the text of token ids as decode_text gives it.
 """
 import gzip
 import importlib.util
@@ -41,6 +42,11 @@ def gpt2_encoding() -> tiktoken.Encoding:
             f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
             "TIKTOKEN_CACHE_DIR to a folder holding "
             + ", ".join(f"{name} as {sha}" for name, sha in GPT2_CACHE_FILES.items())) from None
+
+
+def decode_text(tok, ids) -> str:
+    """The text of token ids without their <|endoftext|>: what a gold reward and a reader see."""
+    return tok.decode([t for t in ids if t != tok.eot_token])
 
 
 def _one_line(x) -> str:

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from data import collate_pairs, collate_sft, decode_text
+from data import collate_pairs, collate_sft
 from lab.devices import map_batches, pick_device
+from lab.readers import decode_text
 from model import ScalarModel
 
 

@@ -1,9 +1,15 @@
 """The real datasets as tasks (data.load_task): a user's jsonl folder, HH-RLHF (helpful-base +
 harmless-base, the held-out data stratified by subset) and TL;DR (the SFT files and the comparison
-batches), their files found under --data_dir or the cache, or downloaded."""
+batches), their files found under --data_dir or the cache, or downloaded. Also the demo task's
+best achievable gold: with the SFT model's gold, it bounds the room that the study's equivalence
+margin is a share of (lab/results.py)."""
 import random
+import sys
 
-from data import Task
+import torch
+
+from data import Task, load_task
+from demo import DEMO_CLASH, DEMO_GOOD_VALUES, DEMO_PROMPT, DEMO_TOPICS, DEMO_WORDS
 from lab.formats import Pair, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
 from lab.readers import (TLDR_BATCHES, find_files, hh_rlhf_file, read_jsonl_task,
                          tldr_comparisons_file, tldr_sft_file)
@@ -59,3 +65,36 @@ def real_task(name: str, rng, data_dir=None, template: str = "author") -> Task:
     else:
         raise ValueError(f"unknown task {name!r} (valid: demo, jsonl, hh-rlhf, tldr)")
     return task
+
+
+def demo_best_gold(prompt: str) -> float:
+    """The highest gold reward any response to a demo prompt can get: n distinct non-banned words
+    with the highest values, with the same-initial bonus when two of them (first and last) can share
+    a letter."""
+    m = DEMO_PROMPT.fullmatch(prompt)
+    topic, n, ban = m[1], int(m[2]), m[3]
+    value = dict.fromkeys(DEMO_WORDS, 0.0) | dict.fromkeys(DEMO_TOPICS[DEMO_CLASH[topic]], -1.0)
+    value |= dict(zip(DEMO_TOPICS[topic], DEMO_GOOD_VALUES))
+    words = sorted((w for w in DEMO_WORDS if w != ban), key=value.get, reverse=True)
+    best = sum(value[w] for w in words[:n])
+    for a in words:  # the bonus pair first and last, the n - 2 best of the rest between them
+        for b in words:
+            if a < b and a[0] == b[0]:
+                rest = [value[w] for w in words if w not in (a, b)][:n - 2]
+                best = max(best, value[a] + value[b] + 1.0 + sum(rest))
+    return best
+
+
+if __name__ == "__main__":
+    task = load_task(sys.argv[1] if len(sys.argv) > 1 else "demo",
+                     data_dir=sys.argv[2] if len(sys.argv) > 2 else None)
+    print({k: len(v) for k, v in vars(task).items() if isinstance(v, list)})
+    for prompt, response in task.sft_train[:3]:
+        print(f"SFT  {prompt!r} -> {response[:200]!r}")
+    for pair in task.pairs_train[:3]:
+        print(f"PAIR {pair.prompt[-200:]!r}\n  chosen   {pair.chosen[:200]!r}\n"
+              f"  rejected {pair.rejected[:200]!r}")
+    if task.gold_reward:
+        gold = torch.tensor([task.gold_reward(p, r) for p, r in task.sft_train])
+        print(f"gold of SFT responses: mean {gold.mean():.2f}, std {gold.std():.2f}, "
+              f"max {gold.max():.2f}")

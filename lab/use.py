@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from data import _ids, collate_prompts, collate_sft, decode_text, get_tokenizer
+from data import _ids, collate_prompts, collate_sft, get_tokenizer
 from demo import demo_gold_reward
 from lab.checkpoints import load_checkpoint, load_weights
 from lab.formats import ASSISTANT, HUMAN, TLDR_TEMPLATES
 from lab.pipeline import RunConfig, fresh_config
-from lab.readers import GPT2_CACHE_FILES, load_gold_reward
+from lab.readers import GPT2_CACHE_FILES, decode_text, load_gold_reward
 from lab.rm import reward_model_shape, score_batch
 from lab.weights import (HUB_NAMES, atomic_write, download, gpt2_config, gpt2_tensors,
                          read_hf_config, write_safetensors)

@@ -8,6 +8,7 @@ import pytest
 
 import data
 from data import DataError, Pair, get_tokenizer, load_task
+from lab import tasks
 from lab.readers import load_gold_reward
 from lab.cli import DEMO
 from lab.pipeline import run_pipeline
@@ -124,10 +125,10 @@ def test_demo_tokenizer_round_trips_and_each_word_is_one_token():
 
 def test_demo_best_gold_is_an_upper_bound_reached_by_a_response():
     prompt = "sea, 3 words, no fish:"
-    best = data.demo_best_gold(prompt)
+    best = tasks.demo_best_gold(prompt)
     assert best == data.demo_gold_reward(prompt, " boat wave big") == 1.0 + 1.25 + 0 + 1  # b...b bonus beats crab
     task = load_task("demo", demo=data.DemoConfig(sft_train=200, pairs_train=10))
-    assert all(data.demo_gold_reward(p, r) <= data.demo_best_gold(p) for p, r in task.sft_train)
+    assert all(data.demo_gold_reward(p, r) <= tasks.demo_best_gold(p) for p, r in task.sft_train)
 
 
 def test_own_task_runs_end_to_end_with_byte_tokenizer_preset_and_gold(tmp_path):
