@@ -11,7 +11,7 @@ import torch
 from data import Task, load_task
 from demo import DEMO_CLASH, DEMO_GOOD_VALUES, DEMO_PROMPT, DEMO_TOPICS, DEMO_WORDS
 from lab.formats import Pair, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
-from lab.readers import (TLDR_BATCHES, find_files, hh_rlhf_file, read_jsonl_task,
+from lab.readers import (TLDR_BATCHES, DataError, find_files, hh_rlhf_file, read_jsonl_task,
                          tldr_comparisons_file, tldr_sft_file)
 
 
@@ -85,9 +85,13 @@ def demo_best_gold(prompt: str) -> float:
     return best
 
 
-if __name__ == "__main__":
-    task = load_task(sys.argv[1] if len(sys.argv) > 1 else "demo",
-                     data_dir=sys.argv[2] if len(sys.argv) > 2 else None)
+def main(argv: list[str]):
+    """`python -m lab.tasks [demo|hh-rlhf|tldr|jsonl] [DATA_DIR]`: a task's sizes, its first rows
+    and, where it has a gold reward, the gold of its SFT responses. Bad input: one error line."""
+    try:
+        task = load_task(argv[0] if argv else "demo", data_dir=argv[1] if len(argv) > 1 else None)
+    except (DataError, OSError, ValueError) as e:
+        sys.exit(f"python -m lab.tasks: error: {e}")
     print({k: len(v) for k, v in vars(task).items() if isinstance(v, list)})
     for prompt, response in task.sft_train[:3]:
         print(f"SFT  {prompt!r} -> {response[:200]!r}")
@@ -98,3 +102,7 @@ if __name__ == "__main__":
         gold = torch.tensor([task.gold_reward(p, r) for p, r in task.sft_train])
         print(f"gold of SFT responses: mean {gold.mean():.2f}, std {gold.std():.2f}, "
               f"max {gold.max():.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -46,6 +46,19 @@ def test_jsonl_task_reads_preference_lines_and_sft_falls_back_to_chosen(tmp_path
     assert load_task("jsonl", data_dir=tmp_path).sft_train == [("Q: 5+5?", " 10")]
 
 
+def test_a_look_at_a_task_prints_its_rows_or_stops_with_one_error_line(tmp_path, capsys):
+    tasks.main(["jsonl", str(task_dir(tmp_path))])  # python -m lab.tasks jsonl DIR
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "{'sft_train': 3, 'sft_eval': 3, 'pairs_train': 3, 'pairs_eval': 3, 'prompts_eval': 2}"
+    assert sum(line.startswith("SFT  'Q: ") for line in out) == 3 and sum("chosen" in line for line in out) == 3
+    assert not any("gold" in line for line in out)  # no gold reward, no gold line
+    (tmp_path / "test.jsonl.gz").unlink()
+    with pytest.raises(SystemExit) as e:
+        tasks.main(["jsonl", str(tmp_path)])
+    assert str(e.value).startswith("python -m lab.tasks: error: ") and "test.jsonl" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("line, problem", [
     ({"prompt": "p", "chosen": " a"}, 'train.jsonl:2: missing field "rejected"'),
     ({"prompt": "p", "chosen": 3, "rejected": " b"}, 'train.jsonl:2: field "chosen" is int, expected str'),
