@@ -229,7 +229,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         drop[:, 0] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     # Inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials). u in
-    # (0, 1]: the first index with cdf >= u * total never has zero probability.
+    # (0, 1], so the first index with cdf >= u * total never has zero probability: such a token's
+    # cdf equals the one before it.
     cdf = logits.softmax(-1).cumsum(-1)
     u = 1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
@@ -265,8 +266,8 @@ class ScalarModel(nn.Module):
             return (self.head(h.float()).squeeze(-1) - self.offset) * self.gain
 
     def score(self, idx, attention_mask=None, lengths=None):
-        """(B,) the reward of each row, read at its last real token (the EOS of the response). A
-        right-padded batch may pass its lengths instead of a mask (the fast causal path)."""
+        """(B,) the reward of each row, read at its last real token (the response's EOS, when it
+        ended). A right-padded batch may pass its lengths instead of a mask (fast causal path)."""
         if lengths is None:
             positions = torch.arange(idx.size(1), device=idx.device)
             lengths = (attention_mask.long() * positions).argmax(1) + 1

@@ -76,7 +76,7 @@ class RMConfig(TrainConfig):
     n_layer: int = 0           # the RM's own shape, from scratch; 0 = the policy's (and init above)
     n_head: int = 0
     n_embd: int = 0
-    normalize: bool = False    # after training, SFT responses rescaled to mean 0, std 1 (N+ 11)
+    normalize: bool = False    # rescale after training: SFT responses mean 0, std 1 (N+ detail 11)
 
 
 def bradley_terry_loss(chosen, rejected, margin=0.0, center_coef=0.0):
