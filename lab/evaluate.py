@@ -50,13 +50,12 @@ class EvalConfig:
 
 def compare_to_sft(models: dict, rm, data, run, cfg: EvalConfig) -> tuple:
     """cfg.samples responses per held-out prompt (data.prompts_eval) from every model (same seed).
-    Per model: mean RM score; win / tie / lose against the SFT model's response to the same prompt
-    (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log pi_sft(y) over
-    the model's own samples: the k1 estimator, Schulman 2020); mean length in tokens; the gold
-    reward when the task has one, and each sample's (gold, else RM score) prompt by prompt. With
-    data.subsets
-    (one name per prompt), the RM score and win rate also per subset under "subsets". Returns
-    (results, samples) keyed by model name."""
+    Per model: mean RM score; win / tie / lose against the SFT model's response to the same
+    prompt (same sample index), by RM score; KL to the SFT model (mean of log pi(y) - log
+    pi_sft(y) over the model's own samples: the k1 estimator, Schulman 2020); mean length in
+    tokens; the gold reward when the task has one, and each sample's (gold, else RM score)
+    prompt by prompt. With data.subsets (one name per prompt), the RM score and win rate also
+    per subset under "subsets". Returns (results, samples) keyed by model name."""
     tok, device = data.tok, pick_device(run.device)
     prompts = [p for p in data.prompts_eval for _ in range(cfg.samples)]
     prompt_texts = [tok.decode(p) for p in prompts]  # what the models saw, after truncation

@@ -11,7 +11,7 @@ import torch
 from data import Task, load_task
 from demo import DEMO_CLASH, DEMO_GOOD_VALUES, DEMO_PROMPT, DEMO_TOPICS, DEMO_WORDS
 from lab.formats import Pair, read_hh_rlhf, read_tldr_comparisons, read_tldr_sft
-from lab.readers import (TLDR_BATCHES, DataError, find_files, hh_rlhf_file, read_jsonl_task,
+from lab.readers import (TLDR_BATCHES, find_files, hh_rlhf_file, read_jsonl_task,
                          tldr_comparisons_file, tldr_sft_file)
 
 
@@ -90,7 +90,7 @@ def main(argv: list[str]):
     and, where it has a gold reward, the gold of its SFT responses. Bad input: one error line."""
     try:
         task = load_task(argv[0] if argv else "demo", data_dir=argv[1] if len(argv) > 1 else None)
-    except (DataError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"python -m lab.tasks: error: {e}")
     print({k: len(v) for k, v in vars(task).items() if isinstance(v, list)})
     for prompt, response in task.sft_train[:3]:
